@@ -1,0 +1,149 @@
+"""The `monogoto-broker` command line (CONTRACT §2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service import keys
+from service.config import ConfigError, config_path_from_env, load_settings
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {text}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="monogoto-broker",
+        description="Central broker of Monogoto API access tokens for internal services.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = commands.add_parser(
+        "simulator",
+        help="run the Monogoto authentication API simulator (both dialects)",
+        description="Serve a local stand-in for Monogoto's /Auth and /v1/auth/* endpoints.",
+    )
+    sim.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sim.add_argument("--port", type=_port, default=8090, help="port to bind (default 8090)")
+    sim.add_argument(
+        "--token-lifetime",
+        type=_positive_float,
+        default=4 * 3600,
+        metavar="S",
+        help="lifetime of access tokens in seconds (default 14400, as Monogoto's v1 API)",
+    )
+    sim.add_argument(
+        "--refresh-lifetime",
+        type=_positive_float,
+        default=24 * 3600,
+        metavar="S",
+        help="lifetime of v1 refresh tokens in seconds (default 86400)",
+    )
+    sim.add_argument(
+        "--rate-limit",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="calls allowed per client IP and auth endpoint in one window (default 5)",
+    )
+    sim.add_argument(
+        "--rate-period",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="length of the rate-limit window in seconds (default 60)",
+    )
+    sim.add_argument(
+        "--users",
+        type=Path,
+        metavar="FILE",
+        help="YAML mapping of username to password (default: the documented demo user)",
+    )
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration file and its environment overrides",
+        description="Exit 0 if the configuration is valid, else print one line per problem "
+        "and exit 2.",
+    )
+    check.add_argument("--config", type=Path, help="config file (default: $BROKER_CONFIG)")
+
+    commands.add_parser(
+        "new-api-key",
+        help="print a new caller key and, on a second line, its sha256: digest for the config",
+    )
+    commands.add_parser(
+        "new-encryption-key",
+        help="print a new 'kid:base64key' line for the encryption key file",
+    )
+    return parser
+
+
+def _check_config(path: Path | None) -> int:
+    path = path or config_path_from_env()
+    if path is None:
+        print("check-config: no config file given (--config PATH or BROKER_CONFIG)")
+        return EXIT_CONFIG_ERROR
+    try:
+        settings = load_settings(path)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem)
+        return EXIT_CONFIG_ERROR
+    print(f"{path}: OK ({len(settings.accounts)} accounts, {len(settings.callers)} callers)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    args = _build_parser().parse_args(argv)
+    if args.command == "simulator":
+        from service.simulator.server import run_simulator  # noqa: PLC0415 (heavy import)
+
+        return run_simulator(
+            host=args.host,
+            port=args.port,
+            token_lifetime=args.token_lifetime,
+            refresh_lifetime=args.refresh_lifetime,
+            rate_limit=args.rate_limit,
+            rate_period=args.rate_period,
+            users_file=args.users,
+        )
+    if args.command == "check-config":
+        return _check_config(args.config)
+    if args.command == "new-api-key":
+        key, digest = keys.new_api_key()
+        print(key)
+        print(digest)
+        return 0
+    if args.command == "new-encryption-key":
+        print(keys.new_encryption_key())
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")  # argparse rejects unknown ones
+
+
+if __name__ == "__main__":
+    sys.exit(main())
