@@ -1,0 +1,104 @@
+"""The `/_sim` control API that tests use to inspect and steer the simulator."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from litestar import Controller, Request, Response, delete, get, post, put
+from litestar.di import NamedDependency
+from pydantic import ValidationError
+
+from service.simulator.faults import FaultRule
+from service.simulator.state import SimulatorState, Stats
+
+
+class ControlError(Exception):
+    """Invalid control input; answered with 400 and the reasons."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errors = errors or []
+
+
+def _control_error(_: Request[Any, Any, Any], error: ControlError) -> Response[dict[str, Any]]:
+    return Response({"message": error.message, "errors": error.errors}, status_code=400)
+
+
+async def _json_object(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    try:
+        payload = json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ControlError("body is not valid JSON") from error
+    if not isinstance(payload, dict):
+        raise ControlError("body must be a JSON object")
+    return payload
+
+
+def _problems(error: ValidationError) -> list[str]:
+    return [
+        f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}".removeprefix(": ")
+        for problem in error.errors()
+    ]
+
+
+class ControlController(Controller):
+    """Counters, runtime settings, fault rules and reset; not part of Monogoto's API."""
+
+    path = "/_sim"
+    exception_handlers = {ControlError: _control_error}  # noqa: RUF012 (Litestar reads it from the class)
+
+    @get("/healthz", operation_id="simHealthz")
+    async def healthz(self) -> dict[str, str]:
+        """The simulator is up."""
+        return {"status": "ok"}
+
+    @get("/stats", operation_id="simStats")
+    async def stats(self, sim: NamedDependency[SimulatorState]) -> Stats:
+        """Every auth call so far, per endpoint, user and outcome."""
+        return sim.stats()
+
+    @get("/settings", operation_id="simSettings")
+    async def settings(self, sim: NamedDependency[SimulatorState]) -> dict[str, Any]:
+        """The settings in force."""
+        return sim.settings.model_dump()
+
+    @put("/settings", operation_id="simUpdateSettings")
+    async def update_settings(
+        self, request: Request[Any, Any, Any], sim: NamedDependency[SimulatorState]
+    ) -> dict[str, Any]:
+        """Change some settings; answers with all of them."""
+        patch = await _json_object(request)
+        try:
+            sim.settings = sim.settings.updated(patch)
+        except ValidationError as error:
+            raise ControlError("invalid settings", _problems(error)) from error
+        return sim.settings.model_dump()
+
+    @get("/faults", operation_id="simFaults")
+    async def faults(self, sim: NamedDependency[SimulatorState]) -> dict[str, list[dict[str, Any]]]:
+        """The fault rules in order, with their remaining uses."""
+        return {"faults": sim.faults.listing()}
+
+    @post("/faults", operation_id="simAddFault", status_code=201)
+    async def add_fault(
+        self, request: Request[Any, Any, Any], sim: NamedDependency[SimulatorState]
+    ) -> dict[str, Any]:
+        """Append a fault rule."""
+        payload = await _json_object(request)
+        try:
+            rule = FaultRule.model_validate(payload)
+        except ValidationError as error:
+            raise ControlError("invalid fault rule", _problems(error)) from error
+        return sim.faults.add(rule)
+
+    @delete("/faults", operation_id="simClearFaults")
+    async def clear_faults(self, sim: NamedDependency[SimulatorState]) -> None:
+        """Remove every fault rule."""
+        sim.faults.clear()
+
+    @post("/reset", operation_id="simReset", status_code=204)
+    async def reset(self, sim: NamedDependency[SimulatorState]) -> None:
+        """Clear counters, faults and rate-limit logs; restore the startup settings."""
+        sim.reset()

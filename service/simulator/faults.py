@@ -1,0 +1,92 @@
+"""Injected faults: rules that make the next matching auth calls misbehave."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Endpoint = Literal["legacy_auth", "v1_token", "v1_refresh"]
+FaultKind = Literal["status", "delay", "drop", "garbage"]
+GarbageBody = Literal["not_json", "missing_fields", "expired_token", "opaque_token", "bad_claims"]
+
+# Which optional fields each kind takes; any other given field is a mistake worth a 400.
+_PARAMETERS: dict[str, tuple[set[str], set[str]]] = {
+    # kind: (required, allowed)
+    "status": ({"status"}, {"status", "retry_after"}),
+    "delay": ({"seconds"}, {"seconds"}),
+    "drop": (set(), set()),
+    "garbage": ({"body"}, {"body"}),
+}
+
+
+class FaultRule(BaseModel):
+    """One fault rule as posted to `/_sim/faults`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    endpoint: Endpoint | None = None
+    kind: FaultKind
+    count: int = Field(default=1, ge=1)
+    status: int | None = Field(default=None, ge=400, le=599)
+    retry_after: int | None = Field(default=None, ge=0)
+    seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    body: GarbageBody | None = None
+
+    @model_validator(mode="after")
+    def _parameters_fit_kind(self) -> Self:
+        required, allowed = _PARAMETERS[self.kind]
+        given = {
+            name
+            for name in ("status", "retry_after", "seconds", "body")
+            if getattr(self, name) is not None
+        }
+        if missing := sorted(required - given):
+            raise ValueError(f"kind {self.kind!r} needs {', '.join(missing)}")
+        if extra := sorted(given - allowed):
+            raise ValueError(f"kind {self.kind!r} does not take {', '.join(extra)}")
+        return self
+
+
+@dataclass(slots=True)
+class _Armed:
+    rule: FaultRule
+    remaining: int
+
+
+class FaultBook:
+    """The ordered fault rules and their remaining uses."""
+
+    def __init__(self) -> None:
+        self._armed: list[_Armed] = []
+
+    def add(self, rule: FaultRule) -> dict[str, Any]:
+        """Append a rule; returns its listing."""
+        armed = _Armed(rule, rule.count)
+        self._armed.append(armed)
+        return _listing(armed)
+
+    def take(self, endpoint: Endpoint) -> FaultRule | None:
+        """Use up one use of the first rule matching `endpoint` that has uses left."""
+        for armed in self._armed:
+            if armed.remaining and armed.rule.endpoint in (None, endpoint):
+                armed.remaining -= 1
+                return armed.rule
+        return None
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every rule in order, spent ones included, with its remaining uses."""
+        return [_listing(armed) for armed in self._armed]
+
+    def clear(self) -> None:
+        """Drop every rule."""
+        self._armed.clear()
+
+
+def _listing(armed: _Armed) -> dict[str, Any]:
+    return {
+        **armed.rule.model_dump(exclude_none=True),
+        "endpoint": armed.rule.endpoint,
+        "remaining": armed.remaining,
+    }
