@@ -73,6 +73,10 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _users_phrase(count: int) -> str:
+    return "1 user" if count == 1 else f"{count} users"
+
+
 def run_simulator(
     *,
     host: str,
@@ -112,7 +116,16 @@ def run_simulator(
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
     )
-    print(f"Monogoto simulator listening on {_url(sock)} ({len(users)} users)", flush=True)
+    url = _url(sock)
+    print(f"Monogoto simulator listening on {url} ({_users_phrase(len(users))})")
+    if users_file is None:
+        # The demo password is public (docs/simulator.md); passwords from a file are never shown.
+        print(f"demo user: {DEMO_USERNAME} / {DEMO_PASSWORD}")
+        print(
+            f"try: curl -s -X POST {url}/v1/auth/token -H 'Content-Type: application/json' "
+            f'-d \'{{"username": "{DEMO_USERNAME}", "password": "{DEMO_PASSWORD}"}}\''
+        )
+    sys.stdout.flush()
     with sock:
         uvicorn.Server(config).run(sockets=[sock])
     return 0
