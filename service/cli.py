@@ -102,6 +102,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _check_config(path: Path | None) -> int:
     path = path or config_path_from_env()
     if path is None:
@@ -113,7 +117,8 @@ def _check_config(path: Path | None) -> int:
         for problem in error.problems:
             print(problem)
         return EXIT_CONFIG_ERROR
-    print(f"{path}: OK ({len(settings.accounts)} accounts, {len(settings.callers)} callers)")
+    accounts, callers = len(settings.accounts), len(settings.callers)
+    print(f"{path}: OK ({_count(accounts, 'account')}, {_count(callers, 'caller')})")
     return 0
 
 

@@ -57,7 +57,7 @@ def test_check_config_accepts_a_valid_file(
     """A valid config exits 0 and says so, with what it found."""
     path = write(tmp_path, VALID)
     assert main(["check-config", "--config", str(path)]) == 0
-    assert capsys.readouterr().out == f"{path}: OK (1 accounts, 1 callers)\n"
+    assert capsys.readouterr().out == f"{path}: OK (1 account, 1 caller)\n"
 
 
 def test_check_config_prints_one_line_per_problem(
