@@ -100,12 +100,8 @@ class MonogotoClient:
             ):
                 with attempt:
                     return await self._refresh_once(account, refresh_token)
-        except (RateLimitedError, TransientError) as error:
-            if isinstance(error, TransientError) and error.sent:
-                error.refresh_token_spent = True
-            raise
         except UpstreamError as error:
-            error.refresh_token_spent = True
+            error.refresh_token_spent = not error.unprocessed
             raise
         raise AssertionError("unreachable: retrying() re-raises the last error")  # pragma: no cover
 

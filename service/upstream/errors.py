@@ -20,6 +20,9 @@ class UpstreamError(Exception):
     """
 
     result = "error"  # the `result` label of upstream_requests_total
+    # True only when Monogoto certainly did not act on the request, so resending it is harmless
+    # even for a single-use refresh token.
+    unprocessed = False
 
     def __init__(self, account: str, operation: Operation, detail: str) -> None:
         super().__init__(f"{operation} for account {account!r} failed: {detail}")
@@ -45,6 +48,7 @@ class RateLimitedError(UpstreamError):
     """Monogoto answered 429; `retry_after` is its Retry-After in seconds, if it sent one."""
 
     result = "rate_limited"
+    unprocessed = True
 
     def __init__(
         self, account: str, operation: Operation, detail: str, retry_after: float | None
@@ -65,6 +69,7 @@ class TransientError(UpstreamError):
     ) -> None:
         super().__init__(account, operation, detail)
         self.sent = sent
+        self.unprocessed = not sent
         self.result = "timeout" if timeout else "error"
 
 

@@ -38,12 +38,10 @@ class RetryPolicy:
 
 
 def _is_retryable(error: BaseException, *, resend_safe: bool) -> bool:
-    if isinstance(error, RateLimitedError):
-        return True
-    if isinstance(error, TransientError):
-        # A request that may have reached Monogoto is only repeated where repeating is harmless.
-        return resend_safe or not error.sent
-    return False
+    if not isinstance(error, RateLimitedError | TransientError):
+        return False
+    # A request that may have reached Monogoto is only repeated where repeating is harmless.
+    return resend_safe or error.unprocessed
 
 
 class _Wait:
