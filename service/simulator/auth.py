@@ -133,14 +133,23 @@ def _garbage(sim: SimulatorState, endpoint: Endpoint, user: str, kind: str) -> A
     return Answer("garbage", user, 200, content)
 
 
-def _parse(sim: SimulatorState, endpoint: Endpoint, body: bytes) -> _Call:
-    names = _FIELDS[endpoint]
+def json_object(body: bytes) -> dict[str, Any]:
+    """Decode a request body that must be a JSON object; ValueError says what is wrong."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return _Call("-", None, "body is not valid JSON")
+        raise ValueError("body is not valid JSON") from None
     if not isinstance(payload, dict):
-        return _Call("-", None, "body must be a JSON object")
+        raise ValueError("body must be a JSON object")
+    return payload
+
+
+def _parse(sim: SimulatorState, endpoint: Endpoint, body: bytes) -> _Call:
+    names = _FIELDS[endpoint]
+    try:
+        payload = json_object(body)
+    except ValueError as error:
+        return _Call("-", None, str(error))
     named = payload.get(names[0])
     user = "-" if not isinstance(named, str) else named
     if endpoint == "v1_refresh" and isinstance(named, str):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.di import NamedDependency
 from pydantic import ValidationError
 
+from service.simulator.auth import json_object
 from service.simulator.faults import FaultRule
 from service.simulator.state import SimulatorState, Stats
 
@@ -28,12 +28,9 @@ def _control_error(_: Request[Any, Any, Any], error: ControlError) -> Response[d
 
 async def _json_object(request: Request[Any, Any, Any]) -> dict[str, Any]:
     try:
-        payload = json.loads(await request.body())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ControlError("body is not valid JSON") from error
-    if not isinstance(payload, dict):
-        raise ControlError("body must be a JSON object")
-    return payload
+        return json_object(await request.body())
+    except ValueError as error:
+        raise ControlError(str(error)) from error
 
 
 def _problems(error: ValidationError) -> list[str]:
