@@ -89,8 +89,7 @@ class TokenIssuer:
 
     def owner(self, token: str) -> str:
         """The user a refresh token was issued to, or "-" if it is not one of ours."""
-        claims = self._claims(token)
-        return str(claims.get("sub", "-")) if claims else "-"
+        return _owner(self._claims(token))
 
     def redeem(self, token: str, *, skew: float = 0.0) -> Redemption:
         """Spend a refresh token: ok once, reused after that, invalid if unknown or expired."""
@@ -98,7 +97,7 @@ class TokenIssuer:
         now = self._clock() + skew
         claims = self._claims(token)
         if not claims or claims.get("typ") != "refresh":
-            return Redemption("refresh_invalid", str(claims.get("sub", "-")) if claims else "-")
+            return Redemption("refresh_invalid", _owner(claims))
         jti, user = str(claims["jti"]), str(claims["sub"])
         if float(claims["exp"]) <= now:
             return Redemption("refresh_invalid", user)
@@ -147,6 +146,10 @@ class TokenIssuer:
             _, jti = heapq.heappop(self._expiries)
             self._usable.pop(jti, None)
             self._spent.pop(jti, None)
+
+
+def _owner(claims: dict[str, Any]) -> str:
+    return str(claims.get("sub", "-"))
 
 
 def opaque_token() -> str:
