@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from service.claims import LifetimeSource, UnusableTokenError, fingerprint, token_lifetime
 from service.config import Account, Dialect
+from service.metrics import UPSTREAM_DURATION, UPSTREAM_REQUESTS
 from service.upstream.errors import (
     CredentialsRejectedError,
     MalformedResponseError,
@@ -29,6 +30,7 @@ from service.upstream.retry import RetryPolicy, retrying
 log = logging.getLogger(__name__)
 
 BeforeAttempt = Callable[[Account, Operation], Awaitable[None]]
+OnRateLimited = Callable[[Account, float | None], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +61,17 @@ async def _no_gate(_account: Account, _operation: Operation) -> None:
     return None
 
 
+async def _ignore_rate_limit(_account: Account, _retry_after: float | None) -> None:
+    return None
+
+
 class MonogotoClient:
     """Logs in to Monogoto and refreshes tokens, with bounded, jittered retries.
 
     `before_attempt` runs before every single HTTP attempt, retries included; the broker uses it
     to take a unit of the shared auth budget (it may raise to stop the attempt).
+    `on_rate_limited` runs whenever Monogoto answers 429, before any retry, so that other
+    replicas can hold back too.
     """
 
     def __init__(
@@ -73,11 +81,13 @@ class MonogotoClient:
         default_lifetime: float,
         retry: RetryPolicy | None = None,
         before_attempt: BeforeAttempt = _no_gate,
+        on_rate_limited: OnRateLimited = _ignore_rate_limit,
     ) -> None:
         self._http = http
         self._default_lifetime = default_lifetime
         self._retry = retry or RetryPolicy()
         self._before_attempt = before_attempt
+        self._on_rate_limited = on_rate_limited
 
     async def login(self, account: Account) -> TokenGrant:
         """Log in with the account's username and password, retrying transient failures."""
@@ -138,7 +148,35 @@ class MonogotoClient:
             return None
         return current.refresh_token
 
+    async def _attempt(
+        self, account: Account, operation: Operation, send: Callable[[], Awaitable[TokenGrant]]
+    ) -> TokenGrant:
+        """One counted attempt, after the `before_attempt` gate let it through."""
+        await self._before_attempt(account, operation)
+        started = time.perf_counter()
+        result = "error"
+        try:
+            grant = await send()
+            result = "ok"
+        except UpstreamError as error:
+            result = error.result
+            if isinstance(error, RateLimitedError):
+                await self._on_rate_limited(account, error.retry_after)
+            raise
+        finally:
+            UPSTREAM_REQUESTS.labels(account.name, operation, result).inc()
+            UPSTREAM_DURATION.labels(operation).observe(time.perf_counter() - started)
+        return grant
+
     async def _login_once(self, account: Account) -> TokenGrant:
+        return await self._attempt(account, Operation.LOGIN, lambda: self._send_login(account))
+
+    async def _refresh_once(self, account: Account, refresh_token: SecretStr) -> TokenGrant:
+        return await self._attempt(
+            account, Operation.REFRESH, lambda: self._send_refresh(account, refresh_token)
+        )
+
+    async def _send_login(self, account: Account) -> TokenGrant:
         if account.dialect is Dialect.LEGACY:
             body = {"UserName": account.username, "Password": account.password.get_secret_value()}
             requested_at, payload = await self._post(account, Operation.LOGIN, "/Auth", body)
@@ -147,7 +185,7 @@ class MonogotoClient:
         requested_at, payload = await self._post(account, Operation.LOGIN, "/v1/auth/token", body)
         return self._v1_grant(account, Operation.LOGIN, payload, requested_at)
 
-    async def _refresh_once(self, account: Account, refresh_token: SecretStr) -> TokenGrant:
+    async def _send_refresh(self, account: Account, refresh_token: SecretStr) -> TokenGrant:
         body = {"refresh_token": refresh_token.get_secret_value()}
         requested_at, payload = await self._post(
             account, Operation.REFRESH, "/v1/auth/refresh", body
@@ -157,8 +195,7 @@ class MonogotoClient:
     async def _post(
         self, account: Account, operation: Operation, path: str, body: dict[str, str]
     ) -> tuple[float, dict[str, Any]]:
-        """One HTTP attempt; returns when it was sent and the JSON object Monogoto answered."""
-        await self._before_attempt(account, operation)
+        """One HTTP request; returns when it was sent and the JSON object Monogoto answered."""
         requested_at = time.time()
         try:
             # httpx times each phase; this bounds the whole attempt, however slowly bytes trickle.

@@ -1,0 +1,60 @@
+"""The broker's Prometheus metrics (CONTRACT §5).
+
+Labels only ever carry configured names (accounts, callers) and fixed vocabularies, never a
+token, a raw path or other user-supplied text. With several worker processes the metrics are
+aggregated through prometheus-client's multiprocess mode (see `serve`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PREFIX = "monogoto_broker_"
+
+TOKEN_REQUESTS = Counter(
+    PREFIX + "token_requests_total",
+    "Token requests by account, caller and outcome (local, shared, fetched, denied, error).",
+    ["account", "caller", "outcome"],
+)
+UPSTREAM_REQUESTS = Counter(
+    PREFIX + "upstream_requests_total",
+    "Login and refresh attempts sent to Monogoto, retries included, by result.",
+    ["account", "operation", "result"],
+)
+UPSTREAM_DURATION = Histogram(
+    PREFIX + "upstream_request_duration_seconds",
+    "Duration of single login and refresh attempts.",
+    ["operation"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TOKEN_EXPIRY = Gauge(
+    PREFIX + "token_expiry_timestamp_seconds",
+    "Unix time at which the account's current access token expires.",
+    ["account"],
+    multiprocess_mode="max",
+)
+AUTH_BUDGET_DENIED = Counter(
+    PREFIX + "auth_budget_denied_total",
+    "Upstream attempts not made because the shared auth budget was exhausted or cooling down.",
+)
+LOCK_WAIT = Histogram(
+    PREFIX + "lock_wait_seconds",
+    "Time spent waiting for another replica's login or refresh of the same account.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+CALLER_AUTH_FAILURES = Counter(
+    PREFIX + "caller_auth_failures_total",
+    "Rejected caller requests by reason (missing, unknown, forbidden).",
+    ["reason"],
+)
+CREDENTIALS_REJECTED = Gauge(
+    PREFIX + "credentials_rejected",
+    "1 while Monogoto rejects the account's credentials, else 0.",
+    ["account"],
+    multiprocess_mode="max",
+)
+STORE_ERRORS = Counter(
+    PREFIX + "store_errors_total",
+    "Operations on the shared store that failed (Redis unreachable or too slow).",
+    ["operation"],
+)
