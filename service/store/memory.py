@@ -1,0 +1,129 @@
+"""The shared store kept in this process, for `redis_url: memory://` (one replica only)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+
+from service.store.base import Change
+from service.store.records import FailureRecord, TokenRecord
+
+
+class MemoryStore:
+    """`TokenStore` in process memory, with the semantics of the Redis store.
+
+    Token records and failure markers expire on the wall clock (their times are wall-clock);
+    locks, budgets and cool-downs run on the monotonic clock.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[str, TokenRecord] = {}
+        self._failures: dict[str, FailureRecord] = {}
+        self._locks: dict[str, tuple[str, float]] = {}
+        self._grants: dict[str, deque[float]] = {}
+        self._cool_until: dict[str, float] = {}
+        # None tells a subscriber that the store closed.
+        self._subscribers: set[asyncio.Queue[Change | None]] = set()
+
+    async def load(self, account: str) -> TokenRecord | None:
+        """The account's current record, or None if there is none or its token expired."""
+        record = self._records.get(account)
+        if record is not None and record.expires_at <= time.time():
+            del self._records[account]
+            return None
+        return record
+
+    async def save(self, account: str, record: TokenRecord) -> bool:
+        """Keep `record` unless it is expired or a record of equal or higher version is kept."""
+        current = await self.load(account)
+        if record.expires_at <= time.time() or (
+            current is not None and current.version >= record.version
+        ):
+            return False
+        self._records[account] = record
+        change = Change(account=account, version=record.version)
+        for queue in self._subscribers:
+            queue.put_nowait(change)
+        return True
+
+    async def versions(self, accounts: Sequence[str]) -> dict[str, int]:
+        """The kept version per account, 0 where there is none."""
+        found = {account: await self.load(account) for account in accounts}
+        return {
+            account: 0 if record is None else record.version for account, record in found.items()
+        }
+
+    async def changes(self) -> AsyncIterator[Change]:
+        """Every save from now on, in order; ends when the store closes."""
+        queue: asyncio.Queue[Change | None] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            while (change := await queue.get()) is not None:
+                yield change
+        finally:
+            self._subscribers.discard(queue)
+
+    async def acquire_lock(self, account: str, lease_seconds: float) -> str | None:
+        """Take the account's lock for `lease_seconds`; its release token, or None if held."""
+        now = time.monotonic()
+        held = self._locks.get(account)
+        if held is not None and held[1] > now:
+            return None
+        token = secrets.token_hex(16)
+        self._locks[account] = (token, now + lease_seconds)
+        return token
+
+    async def release_lock(self, account: str, token: str) -> None:
+        """Release the lock if `token` still holds it."""
+        held = self._locks.get(account)
+        if held is not None and held[0] == token:
+            del self._locks[account]
+
+    async def take_budget(self, scope: str, limit: int, period_seconds: float) -> float:
+        """0.0 if a unit of `scope`'s budget was granted, else the seconds to wait."""
+        now = time.monotonic()
+        cooling = self._cool_until.get(scope, 0.0) - now
+        if cooling > 0:
+            return cooling
+        grants = self._grants.setdefault(scope, deque())
+        # A grant exactly one period old still counts, as in the Redis store.
+        while grants and grants[0] < now - period_seconds:
+            grants.popleft()
+        if len(grants) < limit:
+            grants.append(now)
+            return 0.0
+        frees_at = grants[len(grants) - limit] + period_seconds
+        return max(0.001, frees_at - now)
+
+    async def cool_down(self, scope: str, seconds: float) -> None:
+        """Grant no budget of `scope` for `seconds`, unless a longer cool-down is in force."""
+        until = time.monotonic() + seconds
+        self._cool_until[scope] = max(self._cool_until.get(scope, 0.0), until)
+
+    async def load_failure(self, account: str) -> FailureRecord | None:
+        """The account's credentials-rejected marker, if one is in force."""
+        failure = self._failures.get(account)
+        if failure is not None and failure.retry_at <= time.time():
+            del self._failures[account]
+            return None
+        return failure
+
+    async def save_failure(self, account: str, failure: FailureRecord) -> None:
+        """Record rejected credentials until `failure.retry_at` (nothing if that has passed)."""
+        if failure.retry_at > time.time():
+            self._failures[account] = failure
+
+    async def clear_failure(self, account: str) -> None:
+        """Forget the account's credentials-rejected marker."""
+        self._failures.pop(account, None)
+
+    async def ping(self) -> None:
+        """Always answers: the store is this process."""
+
+    async def close(self) -> None:
+        """End every change iterator."""
+        for queue in self._subscribers:
+            queue.put_nowait(None)

@@ -1,0 +1,337 @@
+"""The shared store's behaviour, the same for the Redis store and the in-process store.
+
+Each test runs against both. `new_replica()` returns another store object on the same backend,
+as another broker replica would hold: a new RedisStore on the same Redis, or the one MemoryStore
+(the in-process store serves one replica only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from pydantic import SecretStr
+
+from service.crypto import TokenCipher
+from service.keys import EncryptionKey
+from service.store import (
+    Change,
+    FailureRecord,
+    MemoryStore,
+    RedisStore,
+    TokenRecord,
+    TokenStore,
+)
+
+CIPHER = TokenCipher([EncryptionKey(kid="test-1", key=os.urandom(32))])
+PREFIX = "mgb-test"
+ACCESS_TOKEN = "eyJ.access.token"
+
+NewReplica = Callable[[], TokenStore]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def new_replica(request: pytest.FixtureRequest) -> AsyncIterator[NewReplica]:
+    """A factory of store objects sharing one backend; all are closed after the test."""
+    created: list[TokenStore] = []
+    if request.param == "memory":
+        shared = MemoryStore()
+        created.append(shared)
+
+        def make() -> TokenStore:
+            return shared
+
+    else:
+        url: str = request.getfixturevalue("redis_url")
+
+        def make() -> TokenStore:
+            store = RedisStore.from_url(url, prefix=PREFIX, cipher=CIPHER)
+            created.append(store)
+            return store
+
+    yield make
+    for store in created:
+        await store.close()
+
+
+@pytest.fixture
+def store(new_replica: NewReplica) -> TokenStore:
+    """One store object."""
+    return new_replica()
+
+
+def record(version: int, *, lifetime: float = 60.0, token: str = ACCESS_TOKEN) -> TokenRecord:
+    """A token record obtained just now, valid for `lifetime` seconds."""
+    now = time.time()
+    return TokenRecord(
+        version=version,
+        access_token=SecretStr(token),
+        refresh_token=SecretStr("eyJ.refresh.token"),
+        customer_id="cid_42",
+        obtained_at=now,
+        expires_at=now + lifetime,
+        refresh_expires_at=now + 4 * lifetime,
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 10.0) -> None:
+    """Poll `check` until it holds; fail the test after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {within}s")
+        await asyncio.sleep(0.02)
+
+
+class Subscriber:
+    """Consumes a store's `changes()` in a background task, as the broker does."""
+
+    def __init__(self, store: TokenStore) -> None:
+        self.received: asyncio.Queue[Change] = asyncio.Queue()
+        self.task = asyncio.create_task(self._consume(store))
+
+    async def _consume(self, store: TokenStore) -> None:
+        async for change in store.changes():
+            self.received.put_nowait(change)
+
+    async def next(self, within: float = 10.0) -> Change | None:
+        """The next change, or None after `within` seconds; raises what ended the subscription."""
+        getting = asyncio.ensure_future(self.received.get())
+        done, _ = await asyncio.wait(
+            {getting, self.task}, timeout=within, return_when=asyncio.FIRST_COMPLETED
+        )
+        if getting in done:
+            return getting.result()
+        getting.cancel()
+        if self.task in done:
+            self.task.result()
+            pytest.fail("the change subscription ended")
+        return None
+
+    async def await_subscribed(self, writer: TokenStore, account: str) -> int:
+        """Write to `account` until the latest write arrives (subscribing happens in the
+        background); return its version. Nothing older is in flight afterwards."""
+        deadline = time.monotonic() + 10.0
+        version = 1
+        while time.monotonic() < deadline:
+            version += 1
+            assert await writer.save(account, record(version))
+            while (change := await self.next(within=0.05)) is not None:
+                if change == Change(account=account, version=version):
+                    return version
+        pytest.fail("the subscription never received a write")
+
+    async def stop(self) -> None:
+        """Cancel the consumer, as the broker does on shutdown."""
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def test_saved_record_loads_back_unchanged(store: TokenStore) -> None:
+    """A saved record loads back with every field, secrets included."""
+    saved = record(7)
+    assert await store.save("fleet-eu", saved)
+    assert await store.load("fleet-eu") == saved
+    assert await store.load("fleet-us") is None
+
+
+async def test_save_refuses_equal_or_older_versions(new_replica: NewReplica) -> None:
+    """A replica cannot overwrite a record with one of equal or lower version, only a newer."""
+    first, second = new_replica(), new_replica()
+    assert await first.save("fleet-eu", record(10, token="eyJ.ten"))
+    assert not await second.save("fleet-eu", record(10, token="eyJ.other-ten"))
+    assert not await second.save("fleet-eu", record(9, token="eyJ.nine"))
+    assert await first.load("fleet-eu") == await second.load("fleet-eu")
+    loaded = await second.load("fleet-eu")
+    assert loaded is not None
+    assert loaded.access_token.get_secret_value() == "eyJ.ten"
+
+    assert await second.save("fleet-eu", record(11, token="eyJ.eleven"))
+    loaded = await first.load("fleet-eu")
+    assert loaded is not None
+    assert loaded.access_token.get_secret_value() == "eyJ.eleven"
+
+
+async def test_record_vanishes_when_its_token_expires(store: TokenStore) -> None:
+    """Once the access token expires, the record is gone: load gives None, the version is 0."""
+    assert await store.save("fleet-eu", record(3, lifetime=0.3))
+
+    async def gone() -> bool:
+        return await store.load("fleet-eu") is None
+
+    await eventually(gone)
+    assert await store.versions(["fleet-eu"]) == {"fleet-eu": 0}
+    assert await store.save("fleet-eu", record(2)), "an expired record blocks no write"
+
+
+async def test_expired_record_is_not_saved(store: TokenStore) -> None:
+    """A record whose token has already expired is refused and not stored."""
+    assert not await store.save("fleet-eu", record(5, lifetime=-1.0))
+    assert await store.load("fleet-eu") is None
+
+
+async def test_versions_of_many_accounts(store: TokenStore) -> None:
+    """`versions` reports each account's stored version, 0 where there is none."""
+    await store.save("fleet-eu", record(5))
+    await store.save("fleet-us", record(7))
+    assert await store.versions(["fleet-eu", "fleet-us", "fleet-ap"]) == {
+        "fleet-eu": 5,
+        "fleet-us": 7,
+        "fleet-ap": 0,
+    }
+    assert await store.versions([]) == {}
+
+
+async def test_changes_deliver_writes_of_another_replica(new_replica: NewReplica) -> None:
+    """Once subscribed, a replica hears of every write by another replica, in order."""
+    listener, writer = new_replica(), new_replica()
+    subscriber = Subscriber(listener)
+    try:
+        version = await subscriber.await_subscribed(writer, "fleet-eu")
+        assert await writer.save("fleet-eu", record(version + 1))
+        assert not await writer.save("fleet-eu", record(version)), "refused writes are silent"
+        assert await writer.save("fleet-us", record(version + 2))
+        assert await subscriber.next() == Change(account="fleet-eu", version=version + 1)
+        assert await subscriber.next() == Change(account="fleet-us", version=version + 2)
+    finally:
+        await subscriber.stop()
+
+
+async def test_closing_the_store_ends_its_change_iterators(new_replica: NewReplica) -> None:
+    """Closing a store ends the change iterators on it instead of leaving them hanging."""
+    listener, writer = new_replica(), new_replica()
+    subscriber = Subscriber(listener)
+    await subscriber.await_subscribed(writer, "fleet-eu")
+    await listener.close()
+    await asyncio.wait_for(subscriber.task, timeout=10.0)
+
+
+async def test_lock_is_exclusive_and_released_only_by_its_holder(new_replica: NewReplica) -> None:
+    """One replica holds an account's lock at a time; a stale token cannot release it."""
+    first, second = new_replica(), new_replica()
+    token = await first.acquire_lock("fleet-eu", 30.0)
+    assert token is not None
+    assert await second.acquire_lock("fleet-eu", 30.0) is None
+    assert await second.acquire_lock("fleet-us", 30.0) is not None, "locks are per account"
+
+    await second.release_lock("fleet-eu", "not-the-holders-token")
+    assert await second.acquire_lock("fleet-eu", 30.0) is None
+
+    await first.release_lock("fleet-eu", token)
+    assert await second.acquire_lock("fleet-eu", 30.0) is not None
+
+
+async def test_lock_lease_expiry_lets_another_replica_take_it(new_replica: NewReplica) -> None:
+    """A lock whose holder vanished frees itself when its lease ends."""
+    first, second = new_replica(), new_replica()
+    stale = await first.acquire_lock("fleet-eu", 0.2)
+    assert stale is not None
+
+    async def taken() -> bool:
+        return await second.acquire_lock("fleet-eu", 30.0) is not None
+
+    await eventually(taken)
+    await first.release_lock("fleet-eu", stale)
+    assert await first.acquire_lock("fleet-eu", 30.0) is None, "a stale holder releases nothing"
+
+
+async def test_budget_grants_exactly_limit_then_names_the_wait(store: TokenStore) -> None:
+    """`limit` takes are granted; the next is refused with a wait of at most one period."""
+    grants = [await store.take_budget("https://api.example", 3, 30.0) for _ in range(3)]
+    assert grants == [0.0, 0.0, 0.0]
+    wait = await store.take_budget("https://api.example", 3, 30.0)
+    assert 0.0 < wait <= 30.0
+    assert await store.take_budget("https://other.example", 3, 30.0) == 0.0, "scopes are apart"
+
+
+async def test_budget_grants_again_after_the_window(store: TokenStore) -> None:
+    """Once the oldest grant is a period old, the budget grants again."""
+    for _ in range(2):
+        assert await store.take_budget("scope", 2, 0.5) == 0.0
+    assert await store.take_budget("scope", 2, 0.5) > 0.0
+
+    async def granted() -> bool:
+        return await store.take_budget("scope", 2, 0.5) == 0.0
+
+    await eventually(granted)
+
+
+async def test_budget_never_exceeds_limit_in_any_window(store: TokenStore) -> None:
+    """Taking as fast as allowed, no span of one period ever holds more than `limit` grants."""
+    limit, period = 3, 0.4
+    spans: list[tuple[float, float]] = []  # when each granted take was sent and answered
+    while len(spans) < 3 * limit:
+        sent = time.monotonic()
+        wait = await store.take_budget("scope", limit, period)
+        if wait == 0.0:
+            spans.append((sent, time.monotonic()))
+        else:
+            await asyncio.sleep(wait)
+    # Grant j happened before it was answered, grant j - limit after it was sent.
+    for j in range(limit, len(spans)):
+        assert spans[j][1] - spans[j - limit][0] >= period
+
+
+async def test_budget_is_exact_under_concurrent_replicas(new_replica: NewReplica) -> None:
+    """50 simultaneous takes from 3 replicas, limit 5: exactly 5 are granted."""
+    replicas = [new_replica() for _ in range(3)]
+    takes = [replicas[i % 3].take_budget("scope", 5, 60.0) for i in range(50)]
+    waits = await asyncio.gather(*takes)
+    assert sum(wait == 0.0 for wait in waits) == 5
+    assert all(0.0 < wait <= 60.0 for wait in waits if wait)
+
+
+async def test_cool_down_blocks_grants_and_is_never_shortened(new_replica: NewReplica) -> None:
+    """During a cool-down nothing is granted, and a shorter cool-down does not cut it short."""
+    first, second = new_replica(), new_replica()
+    await first.cool_down("scope", 30.0)
+    await second.cool_down("scope", 0.01)
+    wait = await second.take_budget("scope", 5, 60.0)
+    assert 20.0 < wait <= 30.0
+    assert await second.take_budget("other", 5, 60.0) == 0.0
+
+
+async def test_cool_down_ends(store: TokenStore) -> None:
+    """When the cool-down is over, the budget grants again."""
+    await store.cool_down("scope", 0.3)
+    assert await store.take_budget("scope", 5, 60.0) > 0.0
+
+    async def granted() -> bool:
+        return await store.take_budget("scope", 5, 60.0) == 0.0
+
+    await eventually(granted)
+
+
+async def test_failure_marker_is_shared_until_cleared(new_replica: NewReplica) -> None:
+    """A credentials-rejected marker set by one replica is seen by another until cleared."""
+    first, second = new_replica(), new_replica()
+    failure = FailureRecord(detail="Monogoto rejected the credentials", retry_at=time.time() + 60)
+    await first.save_failure("fleet-eu", failure)
+    assert await second.load_failure("fleet-eu") == failure
+    assert await second.load_failure("fleet-us") is None
+    await second.clear_failure("fleet-eu")
+    assert await first.load_failure("fleet-eu") is None
+
+
+async def test_failure_marker_expires_at_its_retry_time(store: TokenStore) -> None:
+    """A marker ends at `retry_at`; one whose time has already passed is not kept at all."""
+    await store.save_failure("fleet-us", FailureRecord(detail="old", retry_at=time.time() - 1))
+    assert await store.load_failure("fleet-us") is None
+
+    await store.save_failure("fleet-eu", FailureRecord(detail="x", retry_at=time.time() + 0.3))
+    assert await store.load_failure("fleet-eu") is not None
+
+    async def gone() -> bool:
+        return await store.load_failure("fleet-eu") is None
+
+    await eventually(gone)
+
+
+async def test_ping_answers(store: TokenStore) -> None:
+    """A reachable store answers a ping."""
+    await store.ping()
