@@ -57,6 +57,9 @@ class RefreshSettings(_Section):
     fraction: float = Field(0.75, gt=0, lt=1)
     min_remaining_seconds: float = Field(60.0, ge=0)
     default_lifetime_seconds: float = Field(3600.0, gt=0)
+    # After Monogoto rejects an account's credentials, no replica tries it again for this long:
+    # retrying wrong credentials quickly can get the account locked.
+    rejected_backoff_seconds: float = Field(300.0, gt=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,23 @@
+"""The broker: cached tokens, one upstream call per need, refresh ahead of expiry."""
+
+from service.broker.model import (
+    AccountStatus,
+    AccountView,
+    BrokerError,
+    CredentialsRejectedError,
+    InvalidRequestError,
+    IssuedToken,
+    Outcome,
+    UpstreamUnavailableError,
+)
+
+__all__ = [
+    "AccountStatus",
+    "AccountView",
+    "BrokerError",
+    "CredentialsRejectedError",
+    "InvalidRequestError",
+    "IssuedToken",
+    "Outcome",
+    "UpstreamUnavailableError",
+]

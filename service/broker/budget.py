@@ -1,0 +1,66 @@
+"""The shared auth budget: every upstream attempt, retries included, takes a unit first."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from service.config import Account, AuthRate
+from service.metrics import AUTH_BUDGET_DENIED
+from service.store import StoreUnavailableError, TokenStore
+from service.upstream import Operation, UpstreamError
+
+log = logging.getLogger(__name__)
+
+# Grants are spaced on Redis's clock but counted by Monogoto on arrival; network jitter can bring
+# two requests closer together than they were granted, so the window is widened by this much.
+WINDOW_MARGIN_SECONDS = 1.0
+# A 429 without Retry-After cools everyone down for this long.
+DEFAULT_COOL_DOWN_SECONDS = 60.0
+
+
+class BudgetExhaustedError(UpstreamError):
+    """The shared budget has no unit left: the attempt was not made (nothing was sent)."""
+
+    result = "budget_exhausted"
+    unprocessed = True
+
+    def __init__(self, account: str, operation: Operation, retry_after: float) -> None:
+        super().__init__(account, operation, f"auth budget exhausted for {retry_after:.1f} s")
+        self.retry_after = retry_after
+
+
+def budget_scope(base_url: str) -> str:
+    """The budget is per Monogoto base URL (Monogoto limits per client IP and endpoint)."""
+    return hashlib.sha256(base_url.encode()).hexdigest()[:16]
+
+
+class AuthBudget:
+    """Plugs the store's sliding-log limiter into the Monogoto client's hooks."""
+
+    def __init__(self, store: TokenStore, rate: AuthRate) -> None:
+        self._store = store
+        self._limit = rate.limit
+        self._window = rate.period_seconds + WINDOW_MARGIN_SECONDS
+
+    async def before_attempt(self, account: Account, operation: Operation) -> None:
+        """Take a unit or raise BudgetExhaustedError (StoreUnavailableError if Redis is down)."""
+        wait = await self._store.take_budget(
+            budget_scope(account.base_url), self._limit, self._window
+        )
+        if wait > 0:
+            AUTH_BUDGET_DENIED.inc()
+            raise BudgetExhaustedError(account.name, operation, wait)
+
+    async def rate_limited(self, account: Account, retry_after: float | None) -> None:
+        """Monogoto said 429: hold every replica back for its Retry-After."""
+        seconds = DEFAULT_COOL_DOWN_SECONDS if retry_after is None else retry_after
+        log.warning(
+            "Monogoto rate-limited us; cooling down the shared budget",
+            extra={"account": account.name, "cool_down_seconds": seconds},
+        )
+        try:
+            await self._store.cool_down(budget_scope(account.base_url), seconds)
+        except StoreUnavailableError:
+            # The 429 itself matters more to the caller than failing to share it.
+            log.warning("could not share the cool-down: store unavailable")

@@ -1,0 +1,78 @@
+"""What the broker hands to the HTTP layer: issued tokens, account views and its errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from service.config import Dialect
+
+
+class Outcome(StrEnum):
+    """Where a token came from (the `outcome` label of token_requests_total)."""
+
+    LOCAL = "local"  # this process's cache
+    SHARED = "shared"  # the shared store, written by another replica or earlier
+    FETCHED = "fetched"  # obtained from Monogoto for this request
+
+
+class AccountStatus(StrEnum):
+    """An account's state as `/v1/accounts` reports it."""
+
+    OK = "ok"
+    REFRESHING = "refreshing"
+    FAILING = "failing"
+    CREDENTIALS_REJECTED = "credentials_rejected"
+    NO_TOKEN = "no_token"  # noqa: S105 (a status name, not a secret)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """A token handed to a caller. Times are wall-clock seconds."""
+
+    account: str
+    access_token: str = field(repr=False)
+    expires_at: float
+    customer_id: str | None
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class AccountView:
+    """One account's state, without any secret."""
+
+    name: str
+    dialect: Dialect
+    status: AccountStatus
+    expires_at: float | None
+    last_refresh_at: float | None
+    last_error: str | None
+
+
+class BrokerError(Exception):
+    """A token request the broker cannot satisfy; `code` is the problem+json code."""
+
+    code = "upstream_unavailable"
+    status = 503
+
+    def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailableError(BrokerError):
+    """No valid token, and Monogoto (or the shared budget or store) cannot give one now."""
+
+
+class CredentialsRejectedError(BrokerError):
+    """Monogoto rejects this account's credentials; nobody retries before `retry_after`."""
+
+    code = "credentials_rejected"
+
+
+class InvalidRequestError(BrokerError):
+    """The request asks for something no token can satisfy (e.g. `min_ttl` beyond a lifetime)."""
+
+    code = "invalid_request"
+    status = 400

@@ -1,0 +1,149 @@
+"""Everything one broker process runs, started and stopped as one (the app's lifespan)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from service.broker.budget import AuthBudget
+from service.broker.core import Timing, TokenBroker
+from service.broker.refresher import Refresher
+from service.broker.sync import StoreSync
+from service.config import Settings
+from service.crypto import TokenCipher
+from service.store import MemoryStore, RedisStore, StoreUnavailableError, TokenStore
+from service.upstream import MonogotoClient, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+# Beyond the worst case of one renewal (a refresh, then a login, each fully retried).
+LEASE_MARGIN_SECONDS = 5.0
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One readiness check: its name, whether it passes, and a short explanation."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def timing_for(settings: Settings, retry: RetryPolicy) -> Timing:
+    """Lock lease and wait deadline that outlive the slowest renewal any account can take."""
+    slowest = max(account.timeout_seconds for account in settings.accounts_resolved().values())
+    lease = 2 * retry.worst_case_seconds(slowest) + LEASE_MARGIN_SECONDS
+    # Waiters outlast the lease, so they take over from a holder that died.
+    return Timing(lease_seconds=lease, wait_seconds=lease + slowest)
+
+
+def open_store(settings: Settings) -> TokenStore:
+    """The in-process store for `memory://`, else Redis with the configured key ring."""
+    if settings.uses_memory_store:
+        return MemoryStore()
+    ring = settings.encryption_key_ring()
+    if not ring:
+        raise RuntimeError(
+            "a real Redis needs encryption_keys_file (replicas must share keys); "
+            "create one with `monogoto-broker new-encryption-key > FILE`"
+        )
+    return RedisStore.from_url(
+        settings.redis_url.get_secret_value(), prefix=settings.key_prefix, cipher=TokenCipher(ring)
+    )
+
+
+class BrokerRuntime:
+    """The store, the Monogoto client, the broker and its background tasks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: TokenStore,
+        http: httpx.AsyncClient,
+        broker: TokenBroker,
+        sync: StoreSync,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self._store = store
+        self._http = http
+        self._sync = sync
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def start(cls, settings: Settings) -> BrokerRuntime:
+        """Connect and start background tasks; raises if the store cannot be set up."""
+        store = open_store(settings)
+        retry = RetryPolicy()
+        budget = AuthBudget(store, settings.upstream.auth_rate)
+        http = httpx.AsyncClient(follow_redirects=False)
+        client = MonogotoClient(
+            http,
+            default_lifetime=settings.refresh.default_lifetime_seconds,
+            retry=retry,
+            before_attempt=budget.before_attempt,
+            on_rate_limited=budget.rate_limited,
+        )
+        broker = TokenBroker(
+            settings.accounts_resolved(),
+            settings.refresh,
+            store,
+            client,
+            timing_for(settings, retry),
+        )
+        runtime = cls(settings, store, http, broker, StoreSync(broker, store))
+        await runtime._warm_up()
+        runtime._spawn()
+        return runtime
+
+    async def _warm_up(self) -> None:
+        # Take over tokens other replicas already hold, so a restart costs no login.
+        try:
+            await self._sync.poll_once()
+        except StoreUnavailableError:
+            log.warning("token store unavailable at start; will keep trying")
+            self._sync.store_ok = False
+
+    def _spawn(self) -> None:
+        refresher = Refresher(self.broker, self.settings.refresh)
+        coroutines = [self._sync.listen_forever(), self._sync.poll_forever()]
+        coroutines += [refresher.run(account) for account in self.broker.names]
+        self._tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+
+    async def stop(self) -> None:
+        """Stop background tasks, then close connections."""
+        self._sync.stop()
+        for task in self._tasks:
+            task.cancel()
+        # Closing the store wakes any task blocked on a Redis read, should a cancellation be
+        # lost inside the client library (the subscription must not keep shutdown waiting).
+        await self._store.close()
+        done, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_SECONDS)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                # Expected while connections close under a task's feet; worth a trace only.
+                log.debug("background task ended with an error", exc_info=task.exception())
+        if stuck:
+            log.error("background tasks did not stop", extra={"tasks": len(stuck)})
+        await self._http.aclose()
+
+    async def readiness(self) -> list[Check]:
+        """Whether this process can serve tokens: ready when every check passes.
+
+        The store check passes while the store answers (tokens can be obtained) and, without
+        it, while every account still has a valid cached token (static stability, rule 8).
+        """
+        now = time.time()
+        views = self.broker.accounts()
+        cached = sum(1 for view in views if view.expires_at is not None and view.expires_at > now)
+        summary = f"{cached} of {len(views)} accounts have a valid cached token"
+        try:
+            await self._store.ping()
+        except StoreUnavailableError:
+            return [Check("store", cached == len(views), f"unreachable; {summary}")]
+        return [Check("store", True, f"reachable; {summary}")]

@@ -1,0 +1,113 @@
+"""What one process knows about each account: its cached token and how renewals went."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from service.broker.model import AccountStatus, AccountView, IssuedToken, Outcome
+from service.config import Dialect
+from service.metrics import TOKEN_EXPIRY
+from service.store import FailureRecord, TokenRecord
+
+
+@dataclass(frozen=True, slots=True)
+class LocalToken:
+    """A record held in memory, its token already decrypted and unwrapped for the hot path."""
+
+    account: str
+    record: TokenRecord
+    access_token: str = field(repr=False)
+
+    @property
+    def expires_at(self) -> float:
+        """When the access token expires (wall clock)."""
+        return self.record.expires_at
+
+    def usable(self, need: float) -> bool:
+        """Whether at least `need` seconds are left."""
+        return self.record.expires_at - time.time() >= need
+
+    def issue(self, outcome: Outcome) -> IssuedToken:
+        """This token as handed to a caller."""
+        return IssuedToken(
+            account=self.account,
+            access_token=self.access_token,
+            expires_at=self.record.expires_at,
+            customer_id=self.record.customer_id,
+            outcome=outcome,
+        )
+
+
+@dataclass(slots=True)
+class AccountState:
+    """One account as this process sees it."""
+
+    token: LocalToken | None = None
+    refreshing: bool = False
+    last_refresh_at: float | None = None
+    last_error: str | None = None
+    rejected_until: float = 0.0
+    # Replaced by a fresh event on every change; waiters hold the one current when they looked.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def version(self) -> int:
+        """Version of the cached record, 0 if none."""
+        return 0 if self.token is None else self.token.record.version
+
+    def newer(self, record: TokenRecord) -> bool:
+        """Whether `record` is newer than the cached one."""
+        return record.version > self.version
+
+    def adopt(self, account: str, record: TokenRecord) -> LocalToken:
+        """Cache `record` unless ours is newer; returns the cached token either way."""
+        if self.token is None or record.version > self.token.record.version:
+            self.token = LocalToken(account, record, record.access_token.get_secret_value())
+            TOKEN_EXPIRY.labels(account).set(record.expires_at)
+            self.notify()
+        return self.token
+
+    def notify(self) -> None:
+        """Wake everyone waiting for a change of this account."""
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    def succeeded(self, at: float) -> None:
+        """A renewal by this process worked."""
+        self.last_refresh_at = at
+        self.last_error = None
+
+    def failed(self, detail: str) -> None:
+        """A renewal by this process failed for a transient reason."""
+        self.last_error = detail
+
+    def rejected(self, failure: FailureRecord) -> None:
+        """Monogoto rejects the credentials until at least `failure.retry_at`."""
+        self.rejected_until = max(self.rejected_until, failure.retry_at)
+        self.last_error = failure.detail
+
+    def status(self) -> AccountStatus:
+        """The account's status for `/v1/accounts`."""
+        if self.rejected_until > time.time():
+            return AccountStatus.CREDENTIALS_REJECTED
+        if self.refreshing:
+            return AccountStatus.REFRESHING
+        if self.last_error is not None:
+            return AccountStatus.FAILING
+        if self.token is None or not self.token.usable(0.0):
+            return AccountStatus.NO_TOKEN
+        return AccountStatus.OK
+
+    def view(self, name: str, dialect: Dialect) -> AccountView:
+        """The account's state without secrets."""
+        token = self.token
+        return AccountView(
+            name=name,
+            dialect=dialect,
+            status=self.status(),
+            expires_at=None if token is None else token.expires_at,
+            last_refresh_at=self.last_refresh_at,
+            last_error=self.last_error,
+        )

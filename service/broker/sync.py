@@ -1,0 +1,89 @@
+"""Keeps this process's cache in step with the store (DESIGN rule 9).
+
+Two paths, because pub/sub messages are lost while a connection is down: a subscription that
+pulls a record as soon as another replica publishes it, and a poll of every account's version
+once a second that catches whatever the subscription missed. The poll also writes locally held
+records back to a store that lost them (a restarted Redis), so the fleet needs no new logins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from service.broker.core import TokenBroker
+from service.metrics import STORE_ERRORS
+from service.store import StoreUnavailableError, TokenStore
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_SECONDS = 1.0
+RESUBSCRIBE_MIN_SECONDS = 0.5
+RESUBSCRIBE_MAX_SECONDS = 5.0
+
+
+class StoreSync:
+    """The subscription and the version poll, as two background tasks."""
+
+    def __init__(self, broker: TokenBroker, store: TokenStore) -> None:
+        self._broker = broker
+        self._store = store
+        self.store_ok = True
+        self.last_contact: float | None = None
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Make the background loops end at their next turn."""
+        self._stopped = True
+
+    async def pull(self, account: str) -> None:
+        """Load `account`'s record and cache it if it is newer than ours."""
+        record = await self._store.load(account)
+        if record is not None and self._broker.accept(account, record):
+            log.debug("cache updated from store", extra={"account": account})
+
+    async def poll_once(self) -> None:
+        """Compare every account's stored version with ours; pull newer, push back lost ones."""
+        stored = await self._store.versions(self._broker.names)
+        self.store_ok, self.last_contact = True, time.time()
+        for account, version in stored.items():
+            state = self._broker.state(account)
+            if version > state.version:
+                await self.pull(account)
+            elif (
+                # The store lost it (restarted empty): put it back instead of logging in again.
+                version == 0
+                and state.token is not None
+                and state.token.usable(1.0)
+                and await self._store.save(account, state.token.record)
+            ):
+                log.info("token record restored to the store", extra={"account": account})
+
+    async def poll_forever(self) -> None:
+        """Run `poll_once` every second; a store outage is noted and waited out."""
+        while not self._stopped:
+            try:
+                await self.poll_once()
+            except StoreUnavailableError:
+                if self.store_ok:
+                    log.warning("token store unavailable; serving cached tokens")
+                self.store_ok = False
+                STORE_ERRORS.labels("poll").inc()
+            await asyncio.sleep(POLL_INTERVAL_SECONDS)
+
+    async def listen_forever(self) -> None:
+        """Follow published changes, resubscribing with backoff when the connection drops."""
+        backoff = RESUBSCRIBE_MIN_SECONDS
+        while not self._stopped:
+            try:
+                async for change in self._store.changes():
+                    backoff = RESUBSCRIBE_MIN_SECONDS
+                    if change.account in self._broker.names and (
+                        change.version > self._broker.state(change.account).version
+                    ):
+                        await self.pull(change.account)
+            except StoreUnavailableError:
+                STORE_ERRORS.labels("subscribe").inc()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESUBSCRIBE_MAX_SECONDS)
