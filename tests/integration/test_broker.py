@@ -1,0 +1,328 @@
+"""The broker core against a real Redis and the simulator over HTTP, time compressed to seconds.
+
+Several `BrokerRuntime`s on one Redis stand for several replicas (the e2e tests use processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+
+from service.broker import (
+    CredentialsRejectedError,
+    InvalidRequestError,
+    Outcome,
+    UpstreamUnavailableError,
+)
+from service.broker.runtime import BrokerRuntime
+from service.claims import read_claims
+from service.config import build_settings
+from service.keys import new_encryption_key
+from service.simulator.client import SimulatorControl
+
+if TYPE_CHECKING:
+    from tests.conftest import RedisServer
+
+StartReplicas = Callable[..., Coroutine[Any, Any, list[BrokerRuntime]]]
+
+ENCRYPTION_KEYS = new_encryption_key()
+
+
+def broker_config(
+    redis_url: str,
+    simulator_url: str,
+    users: dict[str, str],
+    *,
+    accounts: int = 1,
+    dialect: str = "v1",
+    limit: int = 100,
+    period: float = 60.0,
+    password: str | None = None,
+    **refresh: float,
+) -> dict[str, Any]:
+    """A config with `accounts` accounts `acct-0`... logging in as the simulator's users
+    (with `password` instead of theirs if given)."""
+    names = sorted(users)
+    return {
+        "redis_url": redis_url,
+        "encryption_keys": ENCRYPTION_KEYS,
+        "upstream": {
+            "dialect": dialect,
+            "base_url": simulator_url,
+            "timeout_seconds": 5,
+            "auth_rate": {"limit": limit, "period_seconds": period},
+        },
+        "refresh": {"fraction": 0.75, "min_remaining_seconds": 1, **refresh},
+        "accounts": {
+            f"acct-{index}": {
+                "username": names[index % len(names)],
+                "password": password or users[names[index % len(names)]],
+            }
+            for index in range(accounts)
+        },
+    }
+
+
+@pytest.fixture
+async def start_replicas(
+    redis_url: str, simulator_url: str, simulator_users: dict[str, str]
+) -> AsyncIterator[StartReplicas]:
+    """A function starting `count` broker runtimes on the test's Redis; stopped after the test."""
+    async with AsyncExitStack() as stack:
+
+        async def start(count: int = 1, **options: Any) -> list[BrokerRuntime]:
+            config = broker_config(redis_url, simulator_url, simulator_users, **options)
+            settings = build_settings(config)
+            runtimes = []
+            for _ in range(count):
+                runtime = await BrokerRuntime.start(settings)
+                stack.push_async_callback(runtime.stop)
+                runtimes.append(runtime)
+            return runtimes
+
+        yield start
+
+
+def logins(simulator: SimulatorControl) -> int:
+    """Successful v1 logins and refreshes the simulator has answered."""
+    return simulator.calls("v1_token", "ok") + simulator.calls("v1_refresh", "ok")
+
+
+async def eventually(check: Callable[[], bool], deadline: float = 10.0) -> None:
+    """Poll `check` until it holds; fail after `deadline` seconds."""
+    give_up = time.monotonic() + deadline
+    while not check():
+        if time.monotonic() > give_up:
+            pytest.fail("condition not reached before the deadline")
+        await asyncio.sleep(0.05)
+
+
+async def test_lifetime_and_redis_ttl_come_from_the_token_claims(
+    start_replicas: StartReplicas, simulator: SimulatorControl, redis_url: str
+) -> None:
+    """The served expiry is exp - iat after receipt, and the Redis record expires with it."""
+    simulator.set(token_lifetime_seconds=40)
+    [replica] = await start_replicas()
+    token = await replica.broker.get("acct-0")
+    claims = read_claims(token.access_token)
+    assert claims["exp"] - claims["iat"] == 40
+    assert 38 < token.expires_at - time.time() <= 40
+    with redis.Redis.from_url(redis_url) as raw:
+        ttl_ms = raw.pttl("mgb:{acct-0}:token")
+    assert 37_000 < ttl_ms <= 40_000
+
+
+async def test_200_concurrent_first_requests_on_three_replicas_log_in_once(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """Two hundred callers spread over three replicas cause exactly one upstream login."""
+    replicas = await start_replicas(3)
+    tokens = await asyncio.gather(
+        *(replicas[index % 3].broker.get("acct-0") for index in range(200))
+    )
+    assert len({token.access_token for token in tokens}) == 1
+    assert simulator.calls("v1_token") == 1
+    assert simulator.calls("v1_refresh") == 0
+
+
+async def test_a_local_hit_needs_no_store(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """Once cached, a token is served from the process without another upstream call."""
+    [replica] = await start_replicas()
+    first = await replica.broker.get("acct-0")
+    again = await replica.broker.get("acct-0")
+    assert again.access_token == first.access_token
+    assert again.outcome is Outcome.LOCAL
+    assert logins(simulator) == 1
+
+
+async def test_min_ttl_beyond_the_cached_token_fetches_a_fresh_one(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """A caller needing more time than the cached token has left gets a newer token."""
+    simulator.set(token_lifetime_seconds=6)
+    [replica] = await start_replicas()
+    first = await replica.broker.get("acct-0")
+    await eventually(lambda: first.expires_at - time.time() < 5)
+    fresher = await replica.broker.get("acct-0", min_ttl=5)
+    assert fresher.access_token != first.access_token
+    assert fresher.expires_at - time.time() >= 5
+    with pytest.raises(InvalidRequestError):
+        await replica.broker.get("acct-0", min_ttl=60)
+
+
+async def test_tokens_are_refreshed_ahead_of_expiry(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """With 3 s tokens, the refresher replaces each before it expires, via the refresh token."""
+    simulator.set(token_lifetime_seconds=3)
+    replicas = await start_replicas(2, fraction=0.5, min_remaining_seconds=0.5)
+    seen: dict[str, float] = {}
+    give_up = time.monotonic() + 20
+    while len(seen) < 4 and time.monotonic() < give_up:
+        for replica in replicas:
+            token = await replica.broker.get("acct-0")
+            assert token.expires_at - time.time() >= 0.5
+            assert token.outcome is Outcome.LOCAL or len(seen) == 0
+            seen.setdefault(token.access_token, time.time())
+        await asyncio.sleep(0.05)
+    assert len(seen) >= 4, "the token was not renewed three times"
+    assert simulator.calls("v1_refresh", "ok") >= 3
+    # Renewals, not callers, drive upstream traffic: about one call per lifetime cycle.
+    assert logins(simulator) <= len(seen) + 1
+    assert simulator.calls("v1_refresh", "refresh_reused") == 0
+
+
+async def test_an_invalidate_storm_causes_one_upstream_call(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """Fifty reports of the same token across three replicas replace it exactly once."""
+    replicas = await start_replicas(3)
+    current = await replicas[0].broker.get("acct-0")
+    await eventually(
+        lambda: len({replica.broker.state("acct-0").version for replica in replicas}) == 1
+    )
+    before = logins(simulator)
+    tokens = await asyncio.gather(
+        *(
+            replicas[index % 3].broker.invalidate("acct-0", current.access_token)
+            for index in range(50)
+        )
+    )
+    assert len({token.access_token for token in tokens}) == 1
+    assert tokens[0].access_token != current.access_token
+    assert logins(simulator) == before + 1
+
+
+async def test_reporting_an_already_replaced_token_calls_nobody(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """A stale report returns the current token without calling Monogoto."""
+    [replica] = await start_replicas()
+    old = await replica.broker.get("acct-0")
+    new = await replica.broker.invalidate("acct-0", old.access_token)
+    calls = logins(simulator)
+    again = await replica.broker.invalidate("acct-0", old.access_token)
+    assert again.access_token == new.access_token
+    assert logins(simulator) == calls
+
+
+async def test_replicas_converge_on_a_replaced_token(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """After one replica replaces a token, the others serve the new one from their caches."""
+    replicas = await start_replicas(3)
+    old = await replicas[0].broker.get("acct-0")
+    for replica in replicas[1:]:
+        await replica.broker.get("acct-0")
+    new = await replicas[0].broker.invalidate("acct-0", old.access_token)
+
+    def converged() -> bool:
+        states = [replica.broker.state("acct-0").token for replica in replicas]
+        return all(state is not None and state.access_token == new.access_token for state in states)
+
+    await eventually(converged, deadline=5)
+    served = await replicas[2].broker.get("acct-0")
+    assert served.access_token == new.access_token
+    assert served.outcome is Outcome.LOCAL
+
+
+async def test_the_auth_budget_is_never_exceeded(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """Eight accounts on a budget of three per window: all served in turn, zero 429s."""
+    simulator.set(rate_limit=3, rate_period_seconds=3)
+    replicas = await start_replicas(2, accounts=8, limit=3, period=3)
+    pending = {f"acct-{index}" for index in range(8)}
+    told_to_wait: list[float] = []
+    give_up = time.monotonic() + 40
+    while pending and time.monotonic() < give_up:
+        for name in sorted(pending):
+            try:
+                await replicas[len(pending) % 2].broker.get(name)
+                pending.discard(name)
+            except UpstreamUnavailableError as error:
+                told_to_wait.append(error.retry_after or 0.0)
+        await asyncio.sleep(0.2)
+    assert not pending, f"never served: {sorted(pending)}"
+    assert told_to_wait, "the budget never ran out, so this test proved nothing"
+    assert all(0 < wait <= 4 for wait in told_to_wait)
+    assert simulator.calls("v1_token", "rate_limited") == 0
+    assert simulator.calls("v1_token") == 8
+
+
+async def test_rejected_credentials_fail_fast_without_a_storm(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """Wrong credentials: one upstream attempt, then every caller gets credentials_rejected."""
+    replicas = await start_replicas(2, password="wrong", rejected_backoff_seconds=600)
+    results = await asyncio.gather(
+        *(replicas[index % 2].broker.get("acct-0") for index in range(100)),
+        return_exceptions=True,
+    )
+    waits = [
+        result.retry_after for result in results if isinstance(result, CredentialsRejectedError)
+    ]
+    assert len(waits) == 100
+    assert all(wait is not None and 500 < wait <= 600 for wait in waits)
+    assert simulator.calls("v1_token", "rejected") == 1
+    assert simulator.calls("v1_token") == 1
+    for replica in replicas:
+        [view] = replica.broker.accounts()
+        assert view.status == "credentials_rejected"
+
+
+async def test_cached_tokens_are_served_while_redis_is_down(
+    start_replicas: StartReplicas, simulator: SimulatorControl, redis_server: RedisServer
+) -> None:
+    """Redis down: valid cached tokens are still served, the rest fail honestly, and after
+    Redis comes back empty the tokens are restored to it without a single login."""
+    replicas = await start_replicas(2, accounts=2)
+    await eventually(lambda: all(r.broker.state("acct-0").token for r in replicas))
+    cached = await replicas[0].broker.get("acct-0")
+    calls = logins(simulator)
+    redis_server.kill()
+    try:
+        for replica in replicas:
+            served = await replica.broker.get("acct-0")
+            assert served.access_token == cached.access_token
+        # A replacement would need the lock and the budget: without the store, no upstream call.
+        with pytest.raises(UpstreamUnavailableError) as refused:
+            await replicas[0].broker.invalidate("acct-0", cached.access_token)
+        assert refused.value.retry_after
+        checks = await replicas[0].readiness()
+        assert all(check.ok for check in checks)  # every account still has a valid token
+        assert "unreachable" in checks[0].detail
+    finally:
+        redis_server.start()
+    with redis.Redis.from_url(redis_server.url) as raw:
+        await eventually(lambda: raw.exists("mgb:{acct-0}:token", "mgb:{acct-1}:token") == 2)
+    assert logins(simulator) == calls
+    fresh = await start_replicas(1, accounts=2)
+    assert (await fresh[0].broker.get("acct-0")).access_token == cached.access_token
+    assert logins(simulator) == calls
+
+
+async def test_a_refresh_token_of_unknown_fate_is_never_sent_again(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """A refresh whose answer was lost, then a failed login: the next renewal logs in rather
+    than resending the possibly consumed refresh token."""
+    [replica] = await start_replicas()
+    current = await replica.broker.get("acct-0")
+    simulator.fault("drop", endpoint="v1_refresh")
+    simulator.fault("status", endpoint="v1_token", status=400)
+    with pytest.raises(UpstreamUnavailableError):
+        await replica.broker.invalidate("acct-0", current.access_token)
+    assert simulator.calls("v1_refresh") == 1
+    renewed = await replica.broker.invalidate("acct-0", current.access_token)
+    assert renewed.access_token != current.access_token
+    assert simulator.calls("v1_refresh") == 1
+    assert simulator.calls("v1_token", "ok") == 2
