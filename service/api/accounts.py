@@ -1,0 +1,33 @@
+"""`/v1/accounts`: the state of the accounts a caller may use (never a token)."""
+
+from __future__ import annotations
+
+from litestar import Controller, get
+from litestar.di import NamedDependency
+
+from service.api.problems import problem_responses
+from service.api.schemas import AccountBody, AccountsBody
+from service.api.security import Caller
+from service.broker.core import TokenBroker
+
+
+class AccountController(Controller):
+    """Accounts, as far as the calling service may see them."""
+
+    path = "/accounts"
+    tags = ("accounts",)
+
+    @get(
+        operation_id="listAccounts",
+        summary="List the accounts this caller may use",
+        responses=problem_responses(401),
+    )
+    async def list_accounts(
+        self, caller: NamedDependency[Caller], broker: NamedDependency[TokenBroker]
+    ) -> AccountsBody:
+        """Each account's dialect, status (`ok`, `refreshing`, `failing`, `credentials_rejected`,
+        `no_token`), token expiry, last refresh and last error; times are ISO 8601 UTC or null."""
+        views = broker.accounts()
+        return AccountsBody(
+            [AccountBody.of(view) for view in views if view.name in caller.accounts]
+        )

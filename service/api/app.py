@@ -1,0 +1,114 @@
+"""The broker's ASGI application: the one place the Litestar object is built."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from litestar import Litestar, Router
+from litestar.datastructures import State
+from litestar.middleware.base import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.prometheus import PrometheusConfig
+
+from service.api.accounts import AccountController
+from service.api.dependencies import DEPENDENCIES, RUNTIME_STATE_KEY
+from service.api.ops import MetricsController, OpsController
+from service.api.problems import EXCEPTION_HANDLERS
+from service.api.security import (
+    CALLERS_STATE_KEY,
+    CallerAuthenticationMiddleware,
+    CallerDirectory,
+)
+from service.api.tokens import TokenController
+from service.broker.runtime import BrokerRuntime
+from service.config import ConfigError, Settings, config_path_from_env, load_settings
+from service.logs import configure_logging
+from service.metrics import PREFIX
+
+_SECURITY_SCHEME = "callerKey"
+# Far above any valid body (an invalidate request carries one token); larger ones get 413.
+_MAX_BODY_BYTES = 64 * 1024
+_DESCRIPTION = """\
+Hands out valid Monogoto access tokens to authenticated internal callers.
+
+Callers authenticate with `Authorization: Bearer <caller key>`. Errors are RFC 9457
+`application/problem+json` with a stable `code`: `invalid_request` (400), `unauthenticated`
+(401), `forbidden` (403, also for accounts that do not exist), `upstream_unavailable` and
+`credentials_rejected` (503, with `Retry-After`), `not_found`, `method_not_allowed` and
+`internal_error`. Operations endpoints (`/healthz`, `/readyz`, `/metrics`) need no caller key.
+"""
+
+
+def _openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="monogoto-broker",
+        version=version("monogoto-broker"),
+        description=_DESCRIPTION,
+        path="/schema",
+        render_plugins=[JsonRenderPlugin()],
+        use_handler_docstrings=True,
+        components=Components(
+            security_schemes={
+                _SECURITY_SCHEME: SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    description="A caller key (`monogoto-broker new-api-key`).",
+                )
+            }
+        ),
+    )
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The broker app for `settings`; its lifespan starts and stops the broker runtime."""
+    callers = CallerDirectory(settings.callers, frozenset(settings.accounts))
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        runtime = await BrokerRuntime.start(settings)
+        app.state[RUNTIME_STATE_KEY] = runtime
+        try:
+            yield
+        finally:
+            del app.state[RUNTIME_STATE_KEY]
+            await runtime.stop()
+
+    api = Router(
+        path="/v1",
+        route_handlers=[AccountController, TokenController],
+        middleware=[DefineMiddleware(CallerAuthenticationMiddleware, callers=callers)],
+        security=[{_SECURITY_SCHEME: []}],
+    )
+    http_metrics = PrometheusConfig(
+        app_name="monogoto-broker",
+        prefix=PREFIX + "http",
+        # Label by route template (`/v1/accounts/{account}/token`), never the raw path.
+        group_path=True,
+    )
+    return Litestar(
+        route_handlers=[api, OpsController, MetricsController],
+        lifespan=[lifespan],
+        dependencies=DEPENDENCIES,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[http_metrics.middleware],
+        state=State({CALLERS_STATE_KEY: callers}),
+        openapi_config=_openapi_config(),
+        request_max_body_size=_MAX_BODY_BYTES,
+        # Our JSON logging is configured by the process (service.logs); Litestar's default
+        # logging config would replace it, and debug mode would put tracebacks in responses.
+        logging_config=None,
+        debug=False,
+    )
+
+
+def create_app_from_env() -> Litestar:
+    """`uvicorn --factory` entry point: JSON logs, config from `BROKER_CONFIG`."""
+    configure_logging()
+    path = config_path_from_env()
+    if path is None:
+        raise ConfigError(["no config file given: set BROKER_CONFIG to the config file's path"])
+    return create_app(load_settings(path))

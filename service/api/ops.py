@@ -1,0 +1,36 @@
+"""Operations endpoints: liveness, readiness and metrics (no caller key; not in the schema)."""
+
+from __future__ import annotations
+
+from litestar import Controller, Response, get
+from litestar.di import NamedDependency
+from litestar.plugins.prometheus import PrometheusController
+
+from service.api.schemas import CheckBody, HealthBody, ReadinessBody
+from service.broker.runtime import BrokerRuntime
+
+
+class OpsController(Controller):
+    """Probes for Kubernetes and load balancers."""
+
+    path = "/"
+    include_in_schema = False
+
+    @get("/healthz", operation_id="healthz")
+    async def healthz(self) -> HealthBody:
+        """The process is alive and serves HTTP."""
+        return HealthBody(status="ok")
+
+    @get("/readyz", operation_id="readyz")
+    async def readyz(self, runtime: NamedDependency[BrokerRuntime]) -> Response[ReadinessBody]:
+        """200 when this process can serve tokens, else 503; the body lists every check."""
+        checks = [CheckBody(c.name, c.ok, c.detail) for c in await runtime.readiness()]
+        ready = all(check.ok for check in checks)
+        return Response(ReadinessBody(ready, checks), status_code=200 if ready else 503)
+
+
+class MetricsController(PrometheusController):
+    """Prometheus exposition of the default registry, or of every worker's files in
+    multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`)."""
+
+    include_in_schema = False

@@ -1,0 +1,110 @@
+"""Request and response bodies of the HTTP API (CONTRACT §4), as msgspec structs.
+
+msgspec encodes and validates these natively, which keeps the token hot path cheap, and
+Litestar derives the OpenAPI schemas from them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Annotated
+
+import msgspec
+
+from service.broker import AccountStatus, AccountView, IssuedToken
+from service.config import Dialect
+
+_BEARER = "Bearer"  # the only token type Monogoto issues
+# No token lives this long; a larger `min_ttl` is a caller's mistake worth a 400.
+MAX_MIN_TTL_SECONDS = 7 * 24 * 3600
+# Generous for a JWT, small enough that nobody posts a novel.
+MAX_ACCESS_TOKEN_LENGTH = 16 * 1024
+
+
+def utc_iso(timestamp: float) -> str:
+    """Wall-clock seconds as ISO 8601 UTC with a `Z`, in whole seconds (rounded down)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _utc_iso_or_none(timestamp: float | None) -> str | None:
+    return None if timestamp is None else utc_iso(timestamp)
+
+
+class TokenBody(msgspec.Struct):
+    """A token handed to a caller."""
+
+    account: str
+    access_token: str
+    token_type: str
+    expires_at: str
+    expires_in: int
+    customer_id: str | None
+
+    @classmethod
+    def of(cls, token: IssuedToken, *, now: float) -> TokenBody:
+        """The body for `token`; `expires_in` counts whole seconds from `now`, never below 0."""
+        return cls(
+            account=token.account,
+            access_token=token.access_token,
+            token_type=_BEARER,
+            expires_at=utc_iso(token.expires_at),
+            expires_in=max(0, math.floor(token.expires_at - now)),
+            customer_id=token.customer_id,
+        )
+
+
+class InvalidateBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A token Monogoto rejected, as reported by a caller."""
+
+    access_token: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ACCESS_TOKEN_LENGTH)]
+
+
+class AccountBody(msgspec.Struct):
+    """One account's state; never a token."""
+
+    name: str
+    dialect: Dialect
+    status: AccountStatus
+    expires_at: str | None
+    last_refresh_at: str | None
+    last_error: str | None
+
+    @classmethod
+    def of(cls, view: AccountView) -> AccountBody:
+        """The body for one account."""
+        return cls(
+            name=view.name,
+            dialect=view.dialect,
+            status=view.status,
+            expires_at=_utc_iso_or_none(view.expires_at),
+            last_refresh_at=_utc_iso_or_none(view.last_refresh_at),
+            last_error=view.last_error,
+        )
+
+
+class AccountsBody(msgspec.Struct):
+    """The accounts a caller may use."""
+
+    accounts: list[AccountBody]
+
+
+class CheckBody(msgspec.Struct):
+    """One readiness check."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+class ReadinessBody(msgspec.Struct):
+    """Whether this process can serve tokens, and why."""
+
+    ready: bool
+    checks: list[CheckBody]
+
+
+class HealthBody(msgspec.Struct):
+    """The process is alive."""
+
+    status: str

@@ -1,0 +1,132 @@
+"""Caller authentication (`Authorization: Bearer <caller key>`) and per-account permission.
+
+The caller table is built once at start-up, keyed by the SHA-256 of each caller's key: a request
+costs one hash, one dict lookup and one constant-time comparison. A caller that may not use an
+account and an account that does not exist get the same 403, so callers cannot enumerate the
+configured accounts.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware.authentication import (
+    AbstractAuthenticationMiddleware,
+    AuthenticationResult,
+)
+from litestar.types import ASGIApp
+
+from service.config import CallerSettings
+from service.keys import api_key_digest
+from service.metrics import CALLER_AUTH_FAILURES, TOKEN_REQUESTS
+
+log = logging.getLogger(__name__)
+
+CALLERS_STATE_KEY = "callers"  # app.state entry holding the CallerDirectory
+DENIED = "denied"  # the outcome label of token_requests_total for a refused configured account
+_BEARER = "bearer"
+
+
+class UnauthenticatedError(Exception):
+    """No usable caller credential, or one that belongs to no caller (401)."""
+
+
+class ForbiddenError(Exception):
+    """The caller may not use this account, or the account does not exist (403)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated caller and the configured accounts it may use."""
+
+    name: str
+    key_digest: str
+    accounts: frozenset[str]
+
+
+class CallerDirectory:
+    """Every configured caller, found by the digest of the key it presents."""
+
+    def __init__(self, callers: Mapping[str, CallerSettings], accounts: frozenset[str]) -> None:
+        self.accounts = accounts
+        self._by_digest: dict[str, Caller] = {}
+        for name, settings in callers.items():
+            allowed = frozenset(account for account in accounts if settings.allows(account))
+            digest = settings.key_digest()
+            self._by_digest[digest] = Caller(name=name, key_digest=digest, accounts=allowed)
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        """The caller whose key the `Authorization` header carries; raises UnauthenticatedError."""
+        key = _bearer_key(authorization)
+        if key is None:
+            _refuse("missing")
+        digest = api_key_digest(key)
+        caller = self._by_digest.get(digest)
+        # Looking up a SHA-256 digest reveals nothing usable about the key; the final
+        # comparison is constant-time all the same.
+        if caller is None or not hmac.compare_digest(digest, caller.key_digest):
+            _refuse("unknown")
+        return caller
+
+
+def _bearer_key(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip()
+    if scheme.lower() != _BEARER or not key or " " in key:
+        return None
+    return key
+
+
+def _refuse(reason: str) -> NoReturn:
+    CALLER_AUTH_FAILURES.labels(reason).inc()
+    log.warning("caller authentication failed", extra={"event": "caller.refused", "reason": reason})
+    raise UnauthenticatedError(reason)
+
+
+class CallerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
+    """Sets `request.user` to the `Caller`, or refuses the request with 401."""
+
+    def __init__(self, app: ASGIApp, *, callers: CallerDirectory) -> None:
+        super().__init__(app)
+        self._callers = callers
+
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
+        """Look the presented key up in the caller table."""
+        caller = self._callers.authenticate(connection.headers.get("authorization"))
+        return AuthenticationResult(user=caller, auth=None)
+
+
+def requires_account_access(
+    connection: ASGIConnection[Any, Caller, Any, Any], _: BaseRouteHandler
+) -> None:
+    """Guard: the caller may use the configured account named in the path, else 403."""
+    account: str = connection.path_params["account"]
+    caller = connection.user
+    if account in caller.accounts:
+        return
+    CALLER_AUTH_FAILURES.labels("forbidden").inc()
+    configured = account in connection.app.state[CALLERS_STATE_KEY].accounts
+    # An unknown account is not counted under its name: that would let any caller mint labels.
+    if configured:
+        TOKEN_REQUESTS.labels(account, caller.name, DENIED).inc()
+    log.warning(
+        "token request denied",
+        extra={
+            "event": "token.denied",
+            "account": account if configured else None,
+            "caller": caller.name,
+            "outcome": DENIED,
+            "reason": "not_allowed" if configured else "unknown_account",
+        },
+    )
+    raise ForbiddenError
