@@ -83,6 +83,40 @@ def _build_parser() -> argparse.ArgumentParser:
         help="YAML mapping of username to password (default: the documented demo user)",
     )
 
+    serve = commands.add_parser(
+        "serve",
+        help="run the broker",
+        description="Serve the broker's HTTP API until SIGTERM or Ctrl-C (see docs/running.md).",
+    )
+    serve.add_argument("--config", type=Path, help="config file (default: $BROKER_CONFIG)")
+    serve.add_argument(
+        "--host",
+        default="0.0.0.0",  # noqa: S104 (a server in a container listens on every interface)
+        help="address to bind (default 0.0.0.0)",
+    )
+    serve.add_argument("--port", type=_port, default=8080, help="port to bind (default 8080)")
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes (default 1; on Kubernetes, scale with replicas instead)",
+    )
+
+    dev = commands.add_parser(
+        "dev",
+        help="run the simulator and the broker together, with demo accounts and a demo caller",
+        description="The embedded default: no Monogoto account or Redis needed. Prints the demo "
+        "caller key and ready-to-paste curl commands.",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    dev.add_argument("--port", type=_port, default=8080, help="port to bind (default 8080)")
+    dev.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="use this Redis instead of the in-memory store (e.g. redis://127.0.0.1:6379/0)",
+    )
+
     check = commands.add_parser(
         "check-config",
         help="validate a configuration file and its environment overrides",
@@ -137,6 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate_period=args.rate_period,
             users_file=args.users,
         )
+    if args.command == "serve":
+        from service.serving import run_serve  # noqa: PLC0415 (heavy import)
+
+        config = args.config or config_path_from_env()
+        return run_serve(config, host=args.host, port=args.port, workers=args.workers)
+    if args.command == "dev":
+        from service.dev import run_dev  # noqa: PLC0415 (heavy import)
+
+        return run_dev(host=args.host, port=args.port, redis_url=args.redis_url)
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "new-api-key":

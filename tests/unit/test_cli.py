@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from service.keys import parse_encryption_keys
+from service.config import Dialect
+from service.dev import dev_settings
+from service.keys import api_key_digest, new_api_key, parse_encryption_keys
+from service.simulator import DEMO_USERNAME
 
 VALID = """\
 redis_url: "memory://"
@@ -132,3 +135,72 @@ def test_installed_command_reports_malformed_yaml_without_traceback(tmp_path: Pa
     assert "Traceback" not in done.stdout + done.stderr
     [line] = done.stdout.splitlines()
     assert line.startswith(f"{path}: line 4, column 1: ")
+
+
+def test_serve_reports_config_problems_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve validates the config first: exit 2, each problem on its own line, no traceback."""
+    path = write(tmp_path, THREE_MISTAKES)
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[1:] == [
+        "serve: upstream.timeout_seconds: must be greater than 0",
+        "serve: refresh.fractoin: unknown key",
+        "serve: accounts.fleet-eu.password_file: cannot read /no/such/file "
+        "(No such file or directory)",
+    ]
+
+
+def test_serve_without_config_says_how_to_give_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """serve with neither --config nor BROKER_CONFIG exits 2 naming both."""
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "--config" in err
+    assert "BROKER_CONFIG" in err
+
+
+def test_serve_reads_config_path_from_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --config, serve validates the file BROKER_CONFIG names."""
+    monkeypatch.setenv("BROKER_CONFIG", str(write(tmp_path, THREE_MISTAKES)))
+    assert main(["serve"]) == 2
+    assert "refresh.fractoin: unknown key" in capsys.readouterr().err
+
+
+def test_serve_refuses_memory_store_with_several_workers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """memory:// lives in one process, so serve refuses --workers 2 with exit 2."""
+    path = write(tmp_path, VALID)
+    assert main(["serve", "--config", str(path), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "memory://" in err
+    assert "--workers 1" in err
+
+
+def test_dev_settings_give_the_demo_caller_both_dialects_on_the_simulator() -> None:
+    """dev configures demo-legacy and demo-v1 on the simulator, for the caller it prints."""
+    key, digest = new_api_key()
+    settings = dev_settings("http://127.0.0.1:8091", digest, redis_url=None)
+    assert settings.uses_memory_store
+    accounts = settings.accounts_resolved()
+    assert {name: account.dialect for name, account in accounts.items()} == {
+        "demo-legacy": Dialect.LEGACY,
+        "demo-v1": Dialect.V1,
+    }
+    assert {account.base_url for account in accounts.values()} == {"http://127.0.0.1:8091"}
+    assert {account.username for account in accounts.values()} == {DEMO_USERNAME}
+    caller = settings.callers["demo"]
+    assert caller.key_digest() == api_key_digest(key)
+    assert all(caller.allows(name) for name in accounts)
+
+
+def test_dev_settings_with_redis_bring_their_own_encryption_key() -> None:
+    """With --redis-url, dev makes an ephemeral encryption key so the broker can start."""
+    _, digest = new_api_key()
+    settings = dev_settings("http://127.0.0.1:8091", digest, redis_url="redis://127.0.0.1:6390/0")
+    assert not settings.uses_memory_store
+    assert len(settings.encryption_key_ring()) == 1

@@ -1,0 +1,259 @@
+"""`monogoto-broker serve` as a real process: tokens over HTTP, JSON logs, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.keys import new_api_key, new_encryption_key
+from service.simulator.client import SimulatorControl
+
+_START_SECONDS = 90  # several workers each import the web stack on a busy machine
+_STOP_SECONDS = 60
+_POLL_SECONDS = 0.1
+_LOGIN_LATENCY_SECONDS = 3.0
+_TOKEN_REQUESTS = 6
+ACCOUNT = "fleet"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class ServeProcess:
+    """A `monogoto-broker serve` child process on a free port, its output in files."""
+
+    def __init__(self, config: Path, workers: int, directory: Path) -> None:
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.log_path = directory / "serve.log"  # stdout and stderr
+        self.temp_dir = directory / "tmp"  # where serve keeps its private metrics directory
+        self.temp_dir.mkdir()
+        env = {name: value for name, value in os.environ.items() if not name.startswith("BROKER_")}
+        env["TMPDIR"] = str(self.temp_dir)
+        command = [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
+        command += ["--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1]]
+        command += ["--workers", str(workers)]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(  # noqa: S603
+                command, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+
+    def wait_healthy(self) -> None:
+        """Poll /healthz until it answers 200, up to a deadline."""
+        deadline = time.monotonic() + _START_SECONDS
+        with httpx.Client(base_url=self.url, timeout=2.0) as http:
+            while True:
+                assert self.process.poll() is None, f"serve exited early:\n{self.log()}"
+                try:
+                    if http.get("/healthz").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, f"serve never became healthy:\n{self.log()}"
+                time.sleep(_POLL_SECONDS)
+
+    def log(self) -> str:
+        """Everything it wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[str]:
+        """Its output, line by line."""
+        return self.log().splitlines()
+
+    def kill(self) -> None:
+        """Kill it unless it has exited."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def write_config(path: Path, simulator_url: str, users: dict[str, str], **extra: Any) -> str:
+    """Write a one-account config on the simulator; returns the caller key it accepts."""
+    key, digest = new_api_key()
+    username = "ops@example.com"
+    config = {
+        "redis_url": "memory://",
+        "upstream": {"base_url": simulator_url, "dialect": "legacy"},
+        "accounts": {ACCOUNT: {"username": username, "password": users[username]}},
+        "callers": {"tests": {"api_key_sha256": digest, "accounts": ["*"]}},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return key
+
+
+class StartServe(Protocol):
+    """Starts `serve` and returns once it is healthy."""
+
+    def __call__(self, config: Path, *, workers: int) -> ServeProcess: ...
+
+
+@pytest.fixture
+def start_serve(tmp_path: Path) -> Iterator[StartServe]:
+    """A function starting `serve --config F --workers N`; leftovers are killed at the end."""
+    started: list[ServeProcess] = []
+
+    def start(config: Path, *, workers: int) -> ServeProcess:
+        directory = tmp_path / f"serve-{len(started)}"
+        directory.mkdir()
+        process = ServeProcess(config, workers, directory)
+        started.append(process)
+        process.wait_healthy()
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def assert_logs_are_safe_json(lines: list[str], secrets: list[str]) -> None:
+    """Every line is a JSON object with the house fields, and no secret appears anywhere."""
+    assert lines, "serve logged nothing"
+    for line in lines:
+        record = json.loads(line)
+        assert isinstance(record, dict), line
+        assert {"time", "level", "logger", "message"} <= record.keys(), line
+    text = "\n".join(lines)
+    for secret in secrets:
+        assert secret not in text
+
+
+def auth(key: str) -> dict[str, str]:
+    """The header that authenticates a caller."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition` until it holds, up to a deadline."""
+    deadline = time.monotonic() + _START_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(_POLL_SECONDS)
+
+
+def graceful_stop_during_login(
+    serve: ServeProcess, simulator: SimulatorControl, key: str
+) -> tuple[httpx.Response, str]:
+    """Fetch a token, make the next login slow, ask for a new token, SIGTERM mid-login.
+
+    Returns the answer to that in-flight request and the token it replaced.
+    """
+    with httpx.Client(base_url=serve.url, headers=auth(key), timeout=60.0) as http:
+        first = http.get(f"/v1/accounts/{ACCOUNT}/token")
+        assert first.status_code == 200, first.text
+        old_token: str = first.json()["access_token"]
+        simulator.set(latency_seconds=_LOGIN_LATENCY_SECONDS)
+        logins_before = simulator.calls("legacy_auth", user="ops@example.com")
+        answers: list[httpx.Response] = []
+        invalidate = threading.Thread(
+            target=lambda: answers.append(
+                http.post(
+                    f"/v1/accounts/{ACCOUNT}/token/invalidate", json={"access_token": old_token}
+                )
+            )
+        )
+        invalidate.start()
+        # The simulator counts a login when it arrives and answers it seconds later.
+        wait_for(
+            lambda: simulator.calls("legacy_auth", user="ops@example.com") > logins_before,
+            "the broker to log in again",
+        )
+        serve.process.send_signal(signal.SIGTERM)
+        invalidate.join(_STOP_SECONDS)
+    assert answers, "the in-flight request got no answer"
+    return answers[0], old_token
+
+
+def test_serve_hands_out_tokens_logs_json_and_drains_on_sigterm(
+    tmp_path: Path,
+    start_serve: StartServe,
+    simulator: SimulatorControl,
+    simulator_users: dict[str, str],
+) -> None:
+    """One worker: tokens over HTTP, JSON logs without secrets, SIGTERM lets a login finish."""
+    config = tmp_path / "broker.yaml"
+    key = write_config(config, simulator.base_url, simulator_users)
+    serve = start_serve(config, workers=1)
+
+    try:
+        answer, old_token = graceful_stop_during_login(serve, simulator, key)
+    finally:
+        simulator.set(latency_seconds=0)
+
+    assert answer.status_code == 200, answer.text
+    new_token = answer.json()["access_token"]
+    assert new_token != old_token
+    assert serve.process.wait(_STOP_SECONDS) == 0, serve.log()
+    secrets = [old_token, new_token, key, *simulator_users.values()]
+    assert_logs_are_safe_json(serve.log_lines(), secrets)
+
+
+def test_serve_with_two_workers_shares_redis_and_metrics(
+    tmp_path: Path,
+    start_serve: StartServe,
+    simulator: SimulatorControl,
+    simulator_users: dict[str, str],
+    redis_url: str,
+) -> None:
+    """Two workers on Redis: tokens, metrics of both workers, clean SIGTERM, temp dir removed."""
+    config = tmp_path / "broker.yaml"
+    extra = {"redis_url": redis_url, "encryption_keys": new_encryption_key()}
+    key = write_config(config, simulator.base_url, simulator_users, **extra)
+    serve = start_serve(config, workers=2)
+
+    # prometheus-client's multiprocess mode: one set of files per worker, in serve's directory.
+    [metrics_dir] = serve.temp_dir.iterdir()
+    wait_for(lambda: len(_writers(metrics_dir)) == 2, "both workers to write metric files")
+    for _ in range(_TOKEN_REQUESTS):  # each on a new connection, so both workers get some
+        with httpx.Client(base_url=serve.url, timeout=30.0) as http:
+            fetched = http.get(f"/v1/accounts/{ACCOUNT}/token", headers=auth(key))
+            assert fetched.status_code == 200, fetched.text
+    with httpx.Client(base_url=serve.url, timeout=30.0) as http:
+        metrics = http.get("/metrics")
+    try:
+        answer, old_token = graceful_stop_during_login(serve, simulator, key)
+    finally:
+        simulator.set(latency_seconds=0)
+
+    assert metrics.status_code == 200
+    assert token_requests(metrics.text) == _TOKEN_REQUESTS
+    assert answer.status_code == 200, answer.text
+    new_token = answer.json()["access_token"]
+    assert new_token != old_token
+    assert serve.process.wait(_STOP_SECONDS) == 0, serve.log()
+    assert not metrics_dir.exists()
+    secrets = [old_token, new_token, key, *simulator_users.values()]
+    assert_logs_are_safe_json(serve.log_lines(), secrets)
+
+
+def token_requests(exposition: str) -> float:
+    """The total of `monogoto_broker_token_requests_total` over all labels."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(exposition)
+        if family.name == "monogoto_broker_token_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def _writers(metrics_dir: Path) -> set[str]:
+    """Process ids that wrote metric files (named `<kind>_<pid>.db`)."""
+    return {path.stem.rsplit("_", 1)[1] for path in metrics_dir.glob("*.db")}
