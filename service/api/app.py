@@ -8,7 +8,6 @@ from importlib.metadata import version
 
 from litestar import Litestar, Router
 from litestar.datastructures import State
-from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -18,11 +17,7 @@ from service.api.accounts import AccountController
 from service.api.dependencies import DEPENDENCIES, RUNTIME_STATE_KEY
 from service.api.ops import MetricsController, OpsController
 from service.api.problems import EXCEPTION_HANDLERS
-from service.api.security import (
-    CALLERS_STATE_KEY,
-    CallerAuthenticationMiddleware,
-    CallerDirectory,
-)
+from service.api.security import CALLERS_STATE_KEY, CallerDirectory, requires_caller
 from service.api.tokens import TokenController
 from service.broker.runtime import BrokerRuntime
 from service.config import ConfigError, Settings, config_path_from_env, load_settings
@@ -80,7 +75,7 @@ def create_app(settings: Settings) -> Litestar:
     api = Router(
         path="/v1",
         route_handlers=[AccountController, TokenController],
-        middleware=[DefineMiddleware(CallerAuthenticationMiddleware, callers=callers)],
+        guards=[requires_caller],
         security=[{_SECURITY_SCHEME: []}],
     )
     http_metrics = PrometheusConfig(

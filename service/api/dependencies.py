@@ -1,4 +1,4 @@
-"""Dependency providers: what the lifespan and the middleware put in place, handed to handlers."""
+"""Dependency providers: what the lifespan and the guards put in place, handed to handlers."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def provide_broker(state: State) -> TokenBroker:
 
 
 def provide_caller(request: Request[Caller, Any, Any]) -> Caller:
-    """The caller the authentication middleware identified."""
+    """The caller the `requires_caller` guard identified."""
     return request.user
 
 

@@ -465,3 +465,13 @@ async def test_one_log_line_per_token_request(
     formatter = JsonLinesFormatter()
     for record in api_logs.records:
         assert token["access_token"] not in formatter.format(record)
+
+
+async def test_http_metrics_count_refusals_under_their_real_status(client: Client) -> None:
+    """A 401 shows in the HTTP request metrics as 401 on the route template, not as a 200."""
+    labels = {"path": "/v1/accounts", "status_code": "401"}
+    before = await _metric(client, "monogoto_broker_http_requests_total", **labels)
+    response = await client.get("/v1/accounts")
+    assert response.status_code == 401
+    after = await _metric(client, "monogoto_broker_http_requests_total", **labels)
+    assert after == before + 1
