@@ -18,22 +18,17 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support import free_port
+
 _POLL_SECONDS = 0.05
 _LOG_TAIL_LINES = 30
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class RedisServer:
     """A `redis-server` child process without persistence, restartable on the same port."""
 
     def __init__(self, executable: str, directory: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log_path = directory / "redis-server.log"
         self._executable = executable
         self._directory = directory

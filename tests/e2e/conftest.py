@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,9 @@ import pytest
 
 from service.simulator.client import SimulatorControl
 from service.simulator.process import SimulatorProcess
+from tests.support import free_port
 
 _POLL_SECONDS = 0.05
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class BrokerProcess:

@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,11 @@ import jwt
 import pytest
 
 from service.simulator import DEMO_USERNAME
+from tests.support import free_port
 
 _START_SECONDS = 60
 _STOP_SECONDS = 30
 _POLL_SECONDS = 0.05
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class DevProcess:
@@ -63,7 +56,7 @@ class DevProcess:
 @pytest.fixture
 def dev(tmp_path: Path) -> Iterator[tuple[DevProcess, int]]:
     """A running `dev` process on a free port, killed at the end if a test left it running."""
-    port = _free_port()
+    port = free_port()
     process = DevProcess(port, tmp_path)
     yield process, port
     if process.process.poll() is None:

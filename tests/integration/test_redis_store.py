@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from service.crypto import TokenCipher
 from service.keys import EncryptionKey
 from service.store import Change, FailureRecord, RedisStore, StoreUnavailableError, TokenRecord
+from tests.support import eventually
 
 if TYPE_CHECKING:
     from tests.conftest import RedisServer
@@ -61,15 +62,6 @@ async def store(redis_url: str) -> AsyncIterator[RedisStore]:
     store = RedisStore.from_url(redis_url, prefix=PREFIX, cipher=CIPHER)
     yield store
     await store.close()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 10.0) -> None:
-    """Poll `check` until it holds; fail the test after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(0.02)
 
 
 async def subscribers(raw: redis.asyncio.Redis) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.keys import new_api_key, new_encryption_key
 from service.simulator.client import SimulatorControl
+from tests.support import free_port
 
 _START_SECONDS = 90  # several workers each import the web stack on a busy machine
 _STOP_SECONDS = 60
@@ -30,18 +30,11 @@ _TOKEN_REQUESTS = 6
 ACCOUNT = "fleet"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class ServeProcess:
     """A `monogoto-broker serve` child process on a free port, its output in files."""
 
     def __init__(self, config: Path, workers: int, directory: Path) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = directory / "serve.log"  # stdout and stderr
         self.temp_dir = directory / "tmp"  # where serve keeps its private metrics directory
         self.temp_dir.mkdir()

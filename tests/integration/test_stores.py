@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from pydantic import SecretStr
@@ -26,6 +26,7 @@ from service.store import (
     TokenRecord,
     TokenStore,
 )
+from tests.support import eventually
 
 CIPHER = TokenCipher([EncryptionKey(kid="test-1", key=os.urandom(32))])
 PREFIX = "mgb-test"
@@ -76,15 +77,6 @@ def record(version: int, *, lifetime: float = 60.0, token: str = ACCESS_TOKEN) -
         expires_at=now + lifetime,
         refresh_expires_at=now + 4 * lifetime,
     )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 10.0) -> None:
-    """Poll `check` until it holds; fail the test after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(0.02)
 
 
 class Subscriber:

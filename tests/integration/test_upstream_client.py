@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from service.upstream import (
     TokenGrant,
     TransientError,
 )
+from tests.support import free_port
 
 USERNAME = "ops@example.com"
 PASSWORD = "s3cret"
@@ -82,13 +82,6 @@ def _account(
         base_url=base_url,
         timeout_seconds=timeout,
     )
-
-
-def _free_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 async def test_legacy_login_returns_token_customer_id_and_lifetime_from_claims(
@@ -280,7 +273,7 @@ async def test_unreachable_monogoto_is_retried_as_not_sent(
 ) -> None:
     """A refused connection is transient, certainly unsent, and retried up to the bound."""
     with pytest.raises(TransientError) as failed:
-        await client.login(_account(_free_port_url(), Dialect.LEGACY))
+        await client.login(_account(f"http://127.0.0.1:{free_port()}", Dialect.LEGACY))
 
     assert not failed.value.sent
     assert attempts.by_operation[Operation.LOGIN] == FAST.max_attempts
