@@ -84,7 +84,12 @@ class TokenBroker:
         record, outcome = await self._obtain(
             account, lambda record: record.expires_at - time.time() >= need
         )
-        return self._states[account].adopt(account, record).issue(outcome)
+        issued = state.adopt(account, record).issue(outcome)
+        if min_ttl > record.lifetime:
+            raise InvalidRequestError(
+                f"min_ttl exceeds this account's token lifetime ({record.lifetime:.0f} s)"
+            )
+        return issued
 
     async def invalidate(self, account: str, access_token: str) -> IssuedToken:
         """Replace `access_token` if it is still current; else return the current token."""
@@ -223,9 +228,10 @@ class TokenBroker:
         """Static stability: no store means no lock and no budget, so no upstream call; serve
         what this process has if it will do."""
         STORE_ERRORS.labels("obtain").inc()
-        local = self._states[account].token
-        if local is not None and wanted(local.record):
-            return local.record, Outcome.LOCAL
+        state = self._states[account]
+        if state.token is not None and wanted(state.token.record):
+            return state.token.record, Outcome.LOCAL
+        self._renewer.raise_if_rejected(account)
         raise UpstreamUnavailableError(
             "no valid token, and the token store is unavailable",
             retry_after=STORE_RETRY_AFTER_SECONDS,

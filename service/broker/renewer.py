@@ -53,7 +53,6 @@ class Renewer:
         local = state.token
         replaces = max(current.version if current else 0, local.record.version if local else 0)
         record = TokenRecord.from_grant(grant, replaces=replaces, now=time.time())
-        state.succeeded(record.obtained_at)
         try:
             if state.rejected_until:
                 await self._store.clear_failure(account)
@@ -87,7 +86,11 @@ class Renewer:
         if failure is not None:
             state.rejected(failure)
             CREDENTIALS_REJECTED.labels(account).set(1)
-        wait = state.rejected_until - time.time()
+        self.raise_if_rejected(account)
+
+    def raise_if_rejected(self, account: str) -> None:
+        """Raise while this process knows the account's credentials to be rejected."""
+        wait = self._states[account].rejected_until - time.time()
         if wait > 0:
             raise CredentialsRejectedError(
                 "Monogoto rejected this account's credentials", retry_after=wait
@@ -142,7 +145,3 @@ class Renewer:
         except StoreUnavailableError:
             STORE_ERRORS.labels("save").inc()
         self._states[account].adopt(account, spent)
-
-
-def _about(account: str) -> dict[str, str]:
-    return {"account": account}

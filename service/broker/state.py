@@ -64,6 +64,10 @@ class AccountState:
     def adopt(self, account: str, record: TokenRecord) -> LocalToken:
         """Cache `record` unless ours is newer; returns the cached token either way."""
         if self.token is None or record.version > self.token.record.version:
+            if self.token is None or record.obtained_at > self.token.record.obtained_at:
+                # A new grant, by any replica: the account is healthy again.
+                self.last_refresh_at = record.obtained_at
+                self.last_error = None
             self.token = LocalToken(account, record, record.access_token.get_secret_value())
             TOKEN_EXPIRY.labels(account).set(record.expires_at)
             self.notify()
@@ -73,11 +77,6 @@ class AccountState:
         """Wake everyone waiting for a change of this account."""
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
-
-    def succeeded(self, at: float) -> None:
-        """A renewal by this process worked."""
-        self.last_refresh_at = at
-        self.last_error = None
 
     def failed(self, detail: str) -> None:
         """A renewal by this process failed for a transient reason."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from service.broker.core import TokenBroker
 from service.metrics import STORE_ERRORS
@@ -30,27 +29,33 @@ class StoreSync:
         self._broker = broker
         self._store = store
         self.store_ok = True
-        self.last_contact: float | None = None
+        # Versions whose record would not load (e.g. sealed with a key we lack): not re-read
+        # every second; a newer version is tried again.
+        self._unreadable: dict[str, int] = {}
         self._stopped = False
 
     def stop(self) -> None:
         """Make the background loops end at their next turn."""
         self._stopped = True
 
-    async def pull(self, account: str) -> None:
-        """Load `account`'s record and cache it if it is newer than ours."""
+    async def pull(self, account: str, version: int) -> None:
+        """Load `account`'s record, stored at `version`, and cache it if it is newer than ours."""
+        if self._unreadable.get(account) == version:
+            return
         record = await self._store.load(account)
-        if record is not None and self._broker.accept(account, record):
+        if record is None:
+            self._unreadable[account] = version
+        elif self._broker.accept(account, record):
             log.debug("cache updated from store", extra={"account": account})
 
     async def poll_once(self) -> None:
         """Compare every account's stored version with ours; pull newer, push back lost ones."""
         stored = await self._store.versions(self._broker.names)
-        self.store_ok, self.last_contact = True, time.time()
+        self.store_ok = True
         for account, version in stored.items():
             state = self._broker.state(account)
             if version > state.version:
-                await self.pull(account)
+                await self.pull(account, version)
             elif (
                 # The store lost it (restarted empty): put it back instead of logging in again.
                 version == 0
@@ -82,7 +87,7 @@ class StoreSync:
                     if change.account in self._broker.names and (
                         change.version > self._broker.state(change.account).version
                     ):
-                        await self.pull(change.account)
+                        await self.pull(change.account, change.version)
             except StoreUnavailableError:
                 STORE_ERRORS.labels("subscribe").inc()
             await asyncio.sleep(backoff)

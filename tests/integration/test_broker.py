@@ -25,6 +25,7 @@ from service.claims import read_claims
 from service.config import build_settings
 from service.keys import new_encryption_key
 from service.simulator.client import SimulatorControl
+from tests.support import eventually
 
 if TYPE_CHECKING:
     from tests.conftest import RedisServer
@@ -92,15 +93,6 @@ async def start_replicas(
 def logins(simulator: SimulatorControl) -> int:
     """Successful v1 logins and refreshes the simulator has answered."""
     return simulator.calls("v1_token", "ok") + simulator.calls("v1_refresh", "ok")
-
-
-async def eventually(check: Callable[[], bool], deadline: float = 10.0) -> None:
-    """Poll `check` until it holds; fail after `deadline` seconds."""
-    give_up = time.monotonic() + deadline
-    while not check():
-        if time.monotonic() > give_up:
-            pytest.fail("condition not reached before the deadline")
-        await asyncio.sleep(0.05)
 
 
 async def test_lifetime_and_redis_ttl_come_from_the_token_claims(
@@ -228,7 +220,7 @@ async def test_replicas_converge_on_a_replaced_token(
         states = [replica.broker.state("acct-0").token for replica in replicas]
         return all(state is not None and state.access_token == new.access_token for state in states)
 
-    await eventually(converged, deadline=5)
+    await eventually(converged, within=5)
     served = await replicas[2].broker.get("acct-0")
     assert served.access_token == new.access_token
     assert served.outcome is Outcome.LOCAL
@@ -326,3 +318,49 @@ async def test_a_refresh_token_of_unknown_fate_is_never_sent_again(
     assert renewed.access_token != current.access_token
     assert simulator.calls("v1_refresh") == 1
     assert simulator.calls("v1_token", "ok") == 2
+
+
+async def test_min_ttl_beyond_any_token_is_refused_even_on_a_cold_replica(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """Asking for more time than a token ever has is an invalid request, cached token or not."""
+    simulator.set(token_lifetime_seconds=40)
+    [replica] = await start_replicas()
+    with pytest.raises(InvalidRequestError):
+        await replica.broker.get("acct-0", min_ttl=100)
+    with pytest.raises(InvalidRequestError):
+        await replica.broker.get("acct-0", min_ttl=100)
+    assert logins(simulator) == 1
+
+
+async def test_a_failure_on_one_replica_clears_when_another_renews(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """An account reported failing by one replica is ok again once any replica renews it."""
+    first, second = await start_replicas(2)
+    current = await first.broker.get("acct-0")
+    simulator.fault("status", endpoint="v1_refresh", status=400)
+    simulator.fault("status", endpoint="v1_token", status=400)
+    with pytest.raises(UpstreamUnavailableError):
+        await first.broker.invalidate("acct-0", current.access_token)
+    [view] = first.broker.accounts()
+    assert view.status == "failing"
+    await second.broker.invalidate("acct-0", current.access_token)
+    await eventually(lambda: first.broker.accounts()[0].status == "ok")
+    assert first.broker.accounts()[0].last_error is None
+
+
+async def test_rejected_credentials_stay_rejected_while_redis_is_down(
+    start_replicas: StartReplicas, simulator: SimulatorControl, redis_server: RedisServer
+) -> None:
+    """Without Redis, a rejected account still answers credentials_rejected, not a generic 503."""
+    [replica] = await start_replicas(password="wrong")
+    with pytest.raises(CredentialsRejectedError):
+        await replica.broker.get("acct-0")
+    redis_server.kill()
+    try:
+        with pytest.raises(CredentialsRejectedError):
+            await replica.broker.get("acct-0")
+    finally:
+        redis_server.start()
+    assert simulator.calls("v1_token") == 1
