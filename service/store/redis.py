@@ -10,13 +10,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis.asyncio
-from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service.crypto import EnvelopeError, TokenCipher
 from service.store.base import Change, StoreUnavailableError
+from service.store.changes import ChangeFeed, honour_lost_cancellation, notice
 from service.store.records import FailureRecord, TokenRecord
 from service.store.scripts import COOL_DOWN, RELEASE_LOCK, SAVE_RECORD, TAKE_BUDGET
 
@@ -32,6 +32,7 @@ def _unavailable_on_error(action: str) -> Iterator[None]:
     try:
         yield
     except (RedisError, OSError) as error:  # OSError covers socket errors and TimeoutError
+        honour_lost_cancellation()
         raise StoreUnavailableError(
             f"Redis unavailable {action} ({type(error).__name__})"
         ) from error
@@ -57,14 +58,12 @@ class RedisStore:
         self._client = client
         self._prefix = prefix
         self._cipher = cipher
-        self._idle_ping_seconds = idle_ping_seconds
         self._channel = f"{prefix}:changes"
         self._save = client.register_script(SAVE_RECORD)
         self._release = client.register_script(RELEASE_LOCK)
         self._take_budget = client.register_script(TAKE_BUDGET)
         self._cool_down = client.register_script(COOL_DOWN)
-        self._pubsubs: set[PubSub] = set()
-        self._closed = False
+        self._feed = ChangeFeed(client, self._channel, idle_ping_seconds=idle_ping_seconds)
 
     @classmethod
     def from_url(
@@ -111,13 +110,13 @@ class RedisStore:
         if not lifetime_ms:
             return False
         envelope = self._cipher.seal(account, record.to_bytes())
-        notice = f"{account} {record.version}"
+        change = notice(account, record.version)
         args: list[bytes | str | int] = [
             record.version,
             envelope,
             lifetime_ms,
             self._channel,
-            notice,
+            change,
         ]
         with _unavailable_on_error("while saving a token record"):
             written = await self._save(keys=[self._key(account, "token")], args=args)
@@ -134,52 +133,9 @@ class RedisStore:
             account: _as_version(reply) for account, reply in zip(accounts, replies, strict=True)
         }
 
-    async def changes(self) -> AsyncIterator[Change]:
+    def changes(self) -> AsyncIterator[Change]:
         """Writes published by any replica; raises StoreUnavailableError when the link is lost."""
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        self._pubsubs.add(pubsub)
-        try:
-            with _unavailable_on_error("while subscribing to changes"):
-                await pubsub.subscribe(self._channel)
-            while (data := await self._receive(pubsub)) is not None:
-                change = _parse_notice(data)
-                if change is None:
-                    log.warning("ignoring a malformed change notice")
-                else:
-                    yield change
-        finally:
-            self._pubsubs.discard(pubsub)
-            await _close(pubsub)
-
-    async def _receive(self, pubsub: PubSub) -> bytes | None:
-        """The next published payload, or None once the store is closed."""
-        # A dropped link can stay silent, so a quiet subscription is pinged: any reply proves it
-        # alive; none within another idle period means the messages sent meanwhile are lost.
-        heard = time.monotonic()
-        pinged = False
-        while not self._closed:
-            try:
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=self._idle_ping_seconds
-                )
-                quiet = time.monotonic() - heard
-                if message is not None:
-                    if message["type"] == "message":
-                        data: bytes = message["data"]
-                        return data
-                    heard, pinged = time.monotonic(), False
-                elif quiet >= 2 * self._idle_ping_seconds:
-                    raise StoreUnavailableError("the change subscription stopped answering")
-                elif quiet >= self._idle_ping_seconds and not pinged:
-                    await pubsub.ping()
-                    pinged = True
-            except (RedisError, OSError) as error:
-                if self._closed:
-                    return None
-                raise StoreUnavailableError(
-                    f"Redis change subscription lost ({type(error).__name__})"
-                ) from error
-        return None
+        return self._feed.changes()
 
     async def acquire_lock(self, account: str, lease_seconds: float) -> str | None:
         """Take the account's lock for `lease_seconds`; its release token, or None if held."""
@@ -247,26 +203,8 @@ class RedisStore:
 
     async def close(self) -> None:
         """End every change subscription and close the client's connections."""
-        self._closed = True
-        for pubsub in list(self._pubsubs):
-            await _close(pubsub)
+        await self._feed.close()
         await self._client.aclose()
-
-
-async def _close(pubsub: PubSub) -> None:
-    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-
-
-def _parse_notice(data: object) -> Change | None:
-    if not isinstance(data, bytes):
-        return None
-    try:
-        account, _, version = data.decode().rpartition(" ")
-    except UnicodeDecodeError:
-        return None
-    if not account or not version.isascii() or not version.isdigit():
-        return None
-    return Change(account=account, version=int(version))
 
 
 def _as_version(reply: object) -> int:
