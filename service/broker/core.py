@@ -82,7 +82,7 @@ class TokenBroker:
                 f"min_ttl exceeds this account's token lifetime ({local.record.lifetime:.0f} s)"
             )
         record, outcome = await self._obtain(
-            account, lambda record: record.expires_at - time.time() >= need
+            account, lambda record: record.expires_at - time.time() >= need, take_fetched=True
         )
         issued = state.adopt(account, record).issue(outcome)
         if min_ttl > record.lifetime:
@@ -147,8 +147,15 @@ class TokenBroker:
     def _need(self) -> float:
         return self._refresh.min_remaining_seconds
 
-    async def _obtain(self, account: str, wanted: Wanted) -> tuple[TokenRecord, Outcome]:
-        """One in-flight obtain per account in this process; late callers share its result."""
+    async def _obtain(
+        self, account: str, wanted: Wanted, *, take_fetched: bool = False
+    ) -> tuple[TokenRecord, Outcome]:
+        """One in-flight obtain per account in this process; late callers share its result.
+
+        A joiner whose `wanted` the shared result does not meet starts the next round, unless
+        `take_fetched` and the result came from Monogoto just now: a token that new is as good
+        as any will be, and asking again would only repeat the call.
+        """
         while True:
             flight = self._flights.get(account)
             if flight is None:
@@ -158,9 +165,9 @@ class TokenBroker:
                 # shield: a caller hanging up must not cancel the work others are waiting for.
                 return await asyncio.shield(flight)
             record, outcome = await asyncio.shield(flight)
-            # A record fetched just now is as fresh as Monogoto makes them: asking again for a
-            # better one would only repeat the call.
-            if wanted(record) or outcome is Outcome.FETCHED:
+            # Never take_fetched for a replacement: a flight that began before the report may
+            # have fetched the very token being reported.
+            if wanted(record) or (take_fetched and outcome is Outcome.FETCHED):
                 return record, outcome
 
     async def _obtain_once(self, account: str, wanted: Wanted) -> tuple[TokenRecord, Outcome]:
