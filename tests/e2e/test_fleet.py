@@ -101,9 +101,11 @@ async def test_three_replicas_serve_every_caller_with_one_upstream_call_per_cycl
         "fleet-legacy": e2e_simulator.calls("legacy_auth", "ok"),
     }
     print(  # the figures this test measured (pytest -s shows them)
-        f"\n{sum(served[name] for name in ACCOUNTS)} tokens served in {elapsed:.1f} s "
-        f"({served}); refresh cycles per account: {cycles:.1f}; upstream calls: {upstream}; "
-        f"simulator stats: {stats}"
+        f"\n{sum(served[name] for name in ACCOUNTS)} tokens served by 3 replicas to {CALLERS} "
+        f"callers in {RUN_SECONDS:.0f} s, distinct tokens seen "
+        f"{ {name: served[name + ' distinct'] for name in ACCOUNTS} }; upstream calls "
+        f"{upstream}; refresh cycles since the first replica started: at most {cycles:.1f}; "
+        f"429s and reused refresh tokens: see the simulator's counts {stats['totals']}"
     )
     assert problems == []
     for name in ACCOUNTS:
