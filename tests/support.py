@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import httpx
 import pytest
 
 
@@ -31,3 +36,69 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], *, within: flo
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {within}s")
         await asyncio.sleep(0.02)
+
+
+class ServeProcess:
+    """`monogoto-broker serve` as a child process on a free port of 127.0.0.1.
+
+    Its stdout and stderr go to `directory/serve.log` and its temporary files (e.g. the metrics
+    directory of several workers) to `directory/tmp`; `BROKER_*` variables are not inherited.
+    """
+
+    def __init__(self, config: Path, directory: Path, *, workers: int = 1) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = directory / "serve.log"
+        self.temp_dir = directory / "tmp"
+        self.temp_dir.mkdir(parents=True)
+        env = {name: value for name, value in os.environ.items() if not name.startswith("BROKER_")}
+        env["TMPDIR"] = str(self.temp_dir)
+        command = [
+            *(sys.executable, "-m", "service.cli", "serve", "--config", str(config)),
+            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)),
+        ]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(  # noqa: S603
+                command, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+
+    def wait_until_ok(self, path: str = "/readyz", timeout: float = 90.0) -> None:
+        """Poll `path` until it answers 200; fail with the log if the process exits first or
+        the deadline passes."""
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=2.0) as http:
+            while True:
+                if self.process.poll() is not None:
+                    pytest.fail(f"serve exited with {self.process.returncode}:\n{self.log()}")
+                try:
+                    if http.get(path).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{path} never answered 200 in {timeout} s:\n{self.log()}")
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout`; the exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+    def kill(self) -> None:
+        """Kill it unless it has exited."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        """Everything it wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[str]:
+        """Its output, line by line."""
+        return self.log().splitlines()

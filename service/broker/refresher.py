@@ -19,7 +19,7 @@ from service.config import RefreshSettings
 
 log = logging.getLogger(__name__)
 
-# Jitter spreads wake-ups over this share of the lifetime (capped at half the time left).
+# Jitter spreads wake-ups over this share of the lifetime (never past the need for a new token).
 JITTER_FRACTION = 0.05
 RETRY_MIN_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.keys import new_api_key, new_encryption_key
 from service.simulator.client import SimulatorControl
-from tests.support import free_port
+from tests.support import ServeProcess
 
 _START_SECONDS = 90  # several workers each import the web stack on a busy machine
 _STOP_SECONDS = 60
@@ -28,53 +25,6 @@ _POLL_SECONDS = 0.1
 _LOGIN_LATENCY_SECONDS = 3.0
 _TOKEN_REQUESTS = 6
 ACCOUNT = "fleet"
-
-
-class ServeProcess:
-    """A `monogoto-broker serve` child process on a free port, its output in files."""
-
-    def __init__(self, config: Path, workers: int, directory: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = directory / "serve.log"  # stdout and stderr
-        self.temp_dir = directory / "tmp"  # where serve keeps its private metrics directory
-        self.temp_dir.mkdir()
-        env = {name: value for name, value in os.environ.items() if not name.startswith("BROKER_")}
-        env["TMPDIR"] = str(self.temp_dir)
-        command = [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
-        command += ["--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1]]
-        command += ["--workers", str(workers)]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(  # noqa: S603
-                command, stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-
-    def wait_healthy(self) -> None:
-        """Poll /healthz until it answers 200, up to a deadline."""
-        deadline = time.monotonic() + _START_SECONDS
-        with httpx.Client(base_url=self.url, timeout=2.0) as http:
-            while True:
-                assert self.process.poll() is None, f"serve exited early:\n{self.log()}"
-                try:
-                    if http.get("/healthz").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, f"serve never became healthy:\n{self.log()}"
-                time.sleep(_POLL_SECONDS)
-
-    def log(self) -> str:
-        """Everything it wrote so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def log_lines(self) -> list[str]:
-        """Its output, line by line."""
-        return self.log().splitlines()
-
-    def kill(self) -> None:
-        """Kill it unless it has exited."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def write_config(path: Path, simulator_url: str, users: dict[str, str], **extra: Any) -> str:
@@ -106,9 +56,9 @@ def start_serve(tmp_path: Path) -> Iterator[StartServe]:
     def start(config: Path, *, workers: int) -> ServeProcess:
         directory = tmp_path / f"serve-{len(started)}"
         directory.mkdir()
-        process = ServeProcess(config, workers, directory)
+        process = ServeProcess(config, directory, workers=workers)
         started.append(process)
-        process.wait_healthy()
+        process.wait_until_ok("/healthz", _START_SECONDS)
         return process
 
     yield start
