@@ -161,7 +161,7 @@ class TokenBroker:
             if flight is None:
                 flight = asyncio.ensure_future(self._obtain_once(account, wanted))
                 self._flights[account] = flight
-                flight.add_done_callback(lambda _: self._flights.pop(account, None))
+                flight.add_done_callback(lambda done: self._landed(account, done))
                 # shield: a caller hanging up must not cancel the work others are waiting for.
                 return await asyncio.shield(flight)
             record, outcome = await asyncio.shield(flight)
@@ -169,6 +169,18 @@ class TokenBroker:
             # have fetched the very token being reported.
             if wanted(record) or (take_fetched and outcome is Outcome.FETCHED):
                 return record, outcome
+
+    def _landed(self, account: str, flight: asyncio.Future[tuple[TokenRecord, Outcome]]) -> None:
+        if self._flights.get(account) is flight:
+            del self._flights[account]
+        # Everyone who waited may have hung up; the outcome is already logged and counted.
+        if not flight.cancelled():
+            flight.exception()
+
+    def cancel_flights(self) -> None:
+        """Cancel every obtain in progress (shutdown: nobody is left to wait for them)."""
+        for flight in list(self._flights.values()):
+            flight.cancel()
 
     async def _obtain_once(self, account: str, wanted: Wanted) -> tuple[TokenRecord, Outcome]:
         try:

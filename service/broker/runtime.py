@@ -120,6 +120,7 @@ class BrokerRuntime:
         self._sync.stop()
         for task in self._tasks:
             task.cancel()
+        self.broker.cancel_flights()
         # Closing the store wakes any task blocked on a Redis read, should a cancellation be
         # lost inside the client library (the subscription must not keep shutdown waiting).
         await self._store.close()
