@@ -158,7 +158,9 @@ class TokenBroker:
         """
         while True:
             flight = self._flights.get(account)
-            if flight is None:
+            # A finished flight not yet cleared away must not be joined: its result is final,
+            # and awaiting it again would spin without ever yielding to the loop.
+            if flight is None or flight.done():
                 flight = asyncio.ensure_future(self._obtain_once(account, wanted))
                 self._flights[account] = flight
                 flight.add_done_callback(lambda done: self._landed(account, done))
