@@ -1,30 +1,33 @@
-"""The broker's HTTP API (CONTRACT §4, §5) end to end: app, runtime and the simulator over HTTP."""
+"""The broker's HTTP API (CONTRACT §4, §5) end to end: the app under uvicorn on a real Redis,
+with the simulator over HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-from litestar import Litestar
-from litestar.testing import AsyncTestClient
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import create_app
 from service.claims import fingerprint
 from service.config import build_settings
-from service.keys import api_key_digest
+from service.keys import api_key_digest, new_encryption_key
 from service.logs import JsonLinesFormatter
 from service.simulator.client import SimulatorControl
+from tests.support import eventually, free_port
 
-Client = AsyncTestClient[Litestar]
+Client = httpx.AsyncClient
 
+ENCRYPTION_KEYS = new_encryption_key()
 BILLING_KEY = "mgb_billing-test-key"
 OPS_KEY = "mgb_ops-test-key"
 BILLING = {"Authorization": f"Bearer {BILLING_KEY}"}
@@ -47,9 +50,10 @@ CONTRACT_METRICS = [
 MARKER = "SENT-BY-CALLER-7f3a"
 
 
-def _config(simulator_url: str, users: dict[str, str], **accounts: Any) -> dict[str, Any]:
+def _config(redis_url: str, simulator_url: str, **accounts: Any) -> dict[str, Any]:
     return {
-        "redis_url": "memory://",
+        "redis_url": redis_url,
+        "encryption_keys": ENCRYPTION_KEYS,
         "upstream": {"base_url": simulator_url, "auth_rate": {"limit": 1000}},
         "accounts": accounts,
         "callers": {
@@ -59,10 +63,31 @@ def _config(simulator_url: str, users: dict[str, str], **accounts: Any) -> dict[
     }
 
 
+class _Server(uvicorn.Server):
+    """uvicorn in the test's event loop, leaving the process's signal handlers alone."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 @asynccontextmanager
 async def _running(config: dict[str, Any]) -> AsyncIterator[Client]:
-    async with AsyncTestClient(app=create_app(build_settings(config))) as client:
-        yield client
+    """The broker app served by uvicorn on a free port, and an HTTP client of it."""
+    app = create_app(build_settings(config))
+    port = free_port()
+    server = _Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    )
+    serving = asyncio.create_task(server.serve())
+    await eventually(lambda: server.started or serving.done())
+    assert server.started, "uvicorn did not start"
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await serving
 
 
 @pytest.fixture
@@ -74,12 +99,13 @@ def sim(simulator: SimulatorControl) -> SimulatorControl:
 
 @pytest.fixture
 async def client(
-    sim: SimulatorControl, simulator_url: str, simulator_users: dict[str, str]
+    sim: SimulatorControl, redis_url: str, simulator_url: str, simulator_users: dict[str, str]
 ) -> AsyncIterator[Client]:
-    """A running broker with a legacy, a v1, an unused and a wrongly configured account."""
+    """A broker on the test's Redis with a legacy, a v1, an unused and a wrongly configured
+    account."""
     config = _config(
+        redis_url,
         simulator_url,
-        simulator_users,
         **{
             "fleet-eu": {"username": "ops@example.com", "password": "s3cret"},
             "fleet-us": {
@@ -315,12 +341,12 @@ async def test_rejected_credentials_are_503_with_retry_after(client: Client) -> 
 
 
 async def test_upstream_rate_limit_is_503_with_retry_after(
-    sim: SimulatorControl, simulator_url: str, simulator_users: dict[str, str]
+    sim: SimulatorControl, redis_url: str, simulator_url: str
 ) -> None:
     """When Monogoto rate limits and there is no token, callers get `upstream_unavailable`."""
     sim.fault("status", endpoint="v1_token", status=429, retry_after=120, count=10)
     v1 = {"username": "fleet@example.com", "password": "fleet-password", "dialect": "v1"}
-    async with _running(_config(simulator_url, simulator_users, **{"fleet-eu": v1})) as client:
+    async with _running(_config(redis_url, simulator_url, **{"fleet-eu": v1})) as client:
         response = await client.get("/v1/accounts/fleet-eu/token", headers=BILLING)
         _assert_problem(response, 503, "upstream_unavailable")
         assert int(response.headers["retry-after"]) >= 1
