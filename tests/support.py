@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.simulator.process import terminate
+
 
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nobody listens on right now."""
@@ -81,13 +83,7 @@ class ServeProcess:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, then SIGKILL after `timeout`; the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+        return terminate(self.process, timeout)
 
     def kill(self) -> None:
         """Kill it unless it has exited."""

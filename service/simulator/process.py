@@ -14,6 +14,17 @@ _LISTENING = re.compile(r"listening on (http://\S+)")
 _POLL_SECONDS = 0.05
 
 
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM a child process, SIGKILL it if it has not exited after `timeout`; its exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
 class SimulatorProcess:
     """A `monogoto-broker simulator` child process and the URL it serves."""
 
@@ -46,13 +57,7 @@ class SimulatorProcess:
 
     def stop(self, timeout: float = 10.0) -> int:
         """Ask the simulator to shut down (SIGTERM), killing it after `timeout`; the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+        return terminate(self.process, timeout)
 
     def __enter__(self) -> SimulatorProcess:
         return self
