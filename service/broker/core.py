@@ -57,14 +57,15 @@ class TokenBroker:
         self._store = store
         self._client = client
         self._timing = timing
+        self._names = tuple(accounts)
         self._states = {name: AccountState() for name in accounts}
         self._renewer = Renewer(accounts, refresh, store, client, self._states)
         self._flights: dict[str, asyncio.Future[tuple[TokenRecord, Outcome]]] = {}
 
     @property
-    def names(self) -> list[str]:
+    def names(self) -> tuple[str, ...]:
         """The configured account names."""
-        return list(self._accounts)
+        return self._names
 
     def state(self, account: str) -> AccountState:
         """This process's view of `account` (KeyError if it is not configured)."""
