@@ -1,7 +1,10 @@
 """End-to-end fixtures: broker replicas as real `monogoto-broker serve` processes.
 
 - `start_brokers`: start `serve` processes on a config file; stopped (SIGTERM) after the test.
-- `e2e_simulator`: a simulator process of its own, reset before each test.
+- `e2e_simulator`: a simulator process of its own, with the users of `harness.USERS`, reset
+  before each test.
+- `reliability`: records the scenario's row of the reliability table; all rows are printed at
+  the end of the run.
 """
 
 from __future__ import annotations
@@ -10,12 +13,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from service.simulator.client import SimulatorControl
 from service.simulator.process import SimulatorProcess
+from tests.e2e.harness import TABLE_HEADER, USERS, ReliabilityRow
 from tests.support import ServeProcess
 
 StartBrokers = Callable[[Path, int], list[ServeProcess]]
+Record = Callable[[ReliabilityRow], None]
+
+_ROWS = pytest.StashKey[list[ReliabilityRow]]()
 
 
 @pytest.fixture
@@ -40,9 +48,12 @@ def start_brokers(tmp_path: Path) -> Iterator[StartBrokers]:
 
 @pytest.fixture(scope="session")
 def e2e_simulator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A simulator process for the end-to-end tests, with the documented demo user."""
-    log_path = tmp_path_factory.mktemp("e2e-simulator") / "simulator.log"
-    with SimulatorProcess.start(log_path=log_path) as simulator:
+    """A simulator process for the end-to-end tests, knowing the users of `harness.USERS`."""
+    directory = tmp_path_factory.mktemp("e2e-simulator")
+    users = directory / "users.yaml"
+    users.write_text(yaml.safe_dump(USERS), encoding="utf-8")
+    log_path = directory / "simulator.log"
+    with SimulatorProcess.start("--users", str(users), log_path=log_path) as simulator:
         yield simulator.url
 
 
@@ -52,3 +63,27 @@ def e2e_simulator(e2e_simulator_url: str) -> Iterator[SimulatorControl]:
     with SimulatorControl(e2e_simulator_url) as control:
         control.reset()
         yield control
+
+
+@pytest.fixture
+def reliability(request: pytest.FixtureRequest) -> Record:
+    """Record this scenario's row of the reliability table (also printed right away)."""
+    rows = request.config.stash.setdefault(_ROWS, [])
+
+    def record(row: ReliabilityRow) -> None:
+        print(f"\n{row.markdown()}")  # the figures this scenario measured
+        rows.append(row)
+
+    return record
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    """Print the reliability table of the scenarios that ran."""
+    rows = config.stash.get(_ROWS, [])
+    if rows:
+        terminalreporter.section("reliability (end-to-end scenarios)")
+        terminalreporter.write_line(TABLE_HEADER)
+        for row in rows:
+            terminalreporter.write_line(row.markdown())

@@ -1,0 +1,278 @@
+"""Building blocks of the end-to-end scenarios: broker configs, a load of concurrent callers
+behind a rotation of replicas, the simulator's counts and scraped broker metrics.
+
+Every scenario records one row of the reliability table (`docs/reliability.md`) through the
+`reliability` fixture; the rows are printed together at the end of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.claims import read_claims
+from service.keys import new_encryption_key
+from service.simulator.client import SimulatorControl
+
+#: Users of the e2e simulator: one per account a scenario needs, so its calls are counted apart.
+USERS = {f"user{index:02d}@monogoto.example": f"password-{index:02d}" for index in range(12)}
+USERNAMES = list(USERS)
+
+#: Simulator endpoints that a login or a refresh of either dialect goes to.
+AUTH_ENDPOINTS = ("legacy_auth", "v1_token", "v1_refresh")
+
+
+def account(index: int, dialect: str = "v1", *, password: str | None = None) -> dict[str, str]:
+    """The config of an account logging in as simulator user `index`."""
+    username = USERNAMES[index]
+    return {
+        "username": username,
+        "password": USERS[username] if password is None else password,
+        "dialect": dialect,
+    }
+
+
+def broker_config(
+    redis_url: str,
+    simulator_url: str,
+    key_digest: str,
+    accounts: Mapping[str, Mapping[str, str]],
+    **sections: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A broker config: the given accounts, one caller allowed all of them, and `sections`
+    (`upstream`, `refresh`, ...) merged over quick test defaults."""
+    config: dict[str, Any] = {
+        "redis_url": redis_url,
+        "encryption_keys": new_encryption_key(),
+        "upstream": {
+            "base_url": simulator_url,
+            "timeout_seconds": 5,
+            "auth_rate": {"limit": 5, "period_seconds": 60},
+        },
+        "refresh": {"fraction": 0.5, "min_remaining_seconds": 1},
+        "accounts": {name: dict(settings) for name, settings in accounts.items()},
+        "callers": {"e2e": {"api_key_sha256": key_digest, "accounts": ["*"]}},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    return config
+
+
+def write_config(path: Path, config: Mapping[str, Any]) -> Path:
+    """Write `config` as YAML to `path`; returns `path`."""
+    path.write_text(yaml.safe_dump(dict(config)), encoding="utf-8")
+    return path
+
+
+@dataclass
+class Rotation:
+    """The replicas callers may reach, as a load balancer would route them: a replica leaves
+    the rotation before it is stopped and joins once it is ready."""
+
+    urls: list[str] = field(default_factory=list)
+
+    def pick(self) -> str:
+        """A replica at random."""
+        return random.choice(self.urls)  # noqa: S311 - load spreading, not security
+
+
+@dataclass
+class LoadReport:
+    """What the callers of a load saw."""
+
+    #: Answers per (account, status, problem code or "-").
+    answers: Counter[tuple[str, int, str]] = field(default_factory=Counter)
+    #: Distinct access tokens served per account.
+    tokens: dict[str, set[str]] = field(default_factory=dict)
+    #: Every Retry-After value seen on a 503.
+    retry_after: list[int] = field(default_factory=list)
+    #: Tokens served that were expired or had less than a second left, and transport errors.
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        """Requests answered in all."""
+        return sum(self.answers.values())
+
+    def served(self, account: str | None = None) -> int:
+        """Tokens served (200), for one account or all."""
+        return sum(
+            count
+            for (name, status, _), count in self.answers.items()
+            if status == 200 and account in (None, name)
+        )
+
+    def failed(self) -> int:
+        """Requests not answered 200 (problems included)."""
+        return self.requests - self.served() + len(self.problems)
+
+    def codes(self) -> Counter[str]:
+        """Answers by status and problem code, e.g. `200`, `503 upstream_unavailable`."""
+        seen: Counter[str] = Counter()
+        for (_, status, code), count in self.answers.items():
+            seen[str(status) if code == "-" else f"{status} {code}"] += count
+        return seen
+
+    def summary(self) -> str:
+        """One line for the reliability table: answers by code, e.g. `2310 x 200`."""
+        parts = [f"{count} x {code}" for code, count in sorted(self.codes().items())]
+        if self.problems:
+            parts.append(f"{len(self.problems)} failed")
+        return ", ".join(parts) or "no requests"
+
+
+class Callers:
+    """Concurrent callers asking replicas of a `Rotation` for tokens of some accounts."""
+
+    def __init__(
+        self,
+        rotation: Rotation,
+        key: str,
+        accounts: Iterable[str],
+        *,
+        concurrency: int = 20,
+        pause: float = 0.01,
+    ) -> None:
+        self.rotation = rotation
+        self.accounts = list(accounts)
+        self.report = LoadReport(tokens={name: set() for name in self.accounts})
+        self._headers = {"Authorization": f"Bearer {key}"}
+        self._concurrency = concurrency
+        self._pause = pause
+
+    async def run(
+        self, seconds: float | None = None, *, until: asyncio.Event | None = None
+    ) -> None:
+        """Call until `seconds` have passed or `until` is set, whichever comes first."""
+        deadline = time.monotonic() + (seconds if seconds is not None else 3600.0)
+        stop = until or asyncio.Event()
+        async with httpx.AsyncClient(timeout=30) as client:
+            await asyncio.gather(
+                *(self._caller(client, deadline, stop) for _ in range(self._concurrency))
+            )
+
+    async def _caller(
+        self, client: httpx.AsyncClient, deadline: float, stop: asyncio.Event
+    ) -> None:
+        while time.monotonic() < deadline and not stop.is_set():
+            name = random.choice(self.accounts)  # noqa: S311 - load spreading
+            await self.call(client, name)
+            await asyncio.sleep(self._pause)
+
+    async def call(self, client: httpx.AsyncClient, name: str) -> None:
+        """One token request for account `name`, recorded in the report."""
+        url = f"{self.rotation.pick()}/v1/accounts/{name}/token"
+        try:
+            response = await client.get(url, headers=self._headers)
+        except httpx.TransportError as error:
+            self.report.problems.append(f"{name}: {type(error).__name__}")
+            return
+        code = "-"
+        if response.status_code == 200:
+            body = response.json()
+            if read_claims(body["access_token"])["exp"] <= time.time() or body["expires_in"] < 1:
+                self.report.problems.append(f"{name}: token served with {body['expires_in']} s")
+            self.report.tokens[name].add(body["access_token"])
+        else:
+            code = response.json().get("code", "-")
+            if "Retry-After" in response.headers:
+                self.report.retry_after.append(int(response.headers["Retry-After"]))
+        self.report.answers[name, response.status_code, code] += 1
+
+
+@dataclass(frozen=True)
+class UpstreamCounts:
+    """The simulator's counts of auth calls, by outcome, over all endpoints."""
+
+    outcomes: Counter[str]
+
+    @classmethod
+    def read(cls, simulator: SimulatorControl, user: str | None = None) -> UpstreamCounts:
+        """The counts since the simulator's last reset, for one user or all."""
+        outcomes: Counter[str] = Counter()
+        for row in simulator.stats()["calls"]:
+            if user in (None, row["user"]):
+                outcomes[row["outcome"]] += row["count"]
+        return cls(outcomes)
+
+    @property
+    def calls(self) -> int:
+        """Calls that reached the simulator's handlers or its fault rules (429s excluded)."""
+        return sum(count for outcome, count in self.outcomes.items() if outcome != "rate_limited")
+
+    @property
+    def rate_limited(self) -> int:
+        """Calls the simulator's rate limiter refused with 429."""
+        return self.outcomes["rate_limited"]
+
+    @property
+    def reused(self) -> int:
+        """Refreshes with an already spent refresh token."""
+        return self.outcomes["refresh_reused"]
+
+    def describe(self) -> str:
+        """Calls by outcome, e.g. `3 (ok 2, injected_status 1)`."""
+        detail = ", ".join(f"{name} {count}" for name, count in sorted(self.outcomes.items()))
+        return f"{self.calls} ({detail})" if detail else "0"
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape(url: str) -> Samples:
+    """The samples of a broker's `/metrics`, by sample name."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    return sum(
+        value
+        for found, value in samples.get(name, [])
+        if all(found.get(label) == wanted for label, wanted in labels.items())
+    )
+
+
+@dataclass(frozen=True)
+class ReliabilityRow:
+    """One scenario's line in the reliability table."""
+
+    scenario: str
+    injected: str
+    callers_saw: str
+    upstream_calls: str
+    rate_limited: int
+    reused: int
+
+    def markdown(self) -> str:
+        """The row as a Markdown table line."""
+        cells = (
+            self.scenario,
+            self.injected,
+            self.callers_saw,
+            self.upstream_calls,
+            str(self.rate_limited),
+            str(self.reused),
+        )
+        return "| " + " | ".join(cells) + " |"
+
+
+TABLE_HEADER = (
+    "| scenario | injected | callers saw | upstream calls | 429s | reused refresh tokens |\n"
+    "|---|---|---|---|---|---|"
+)
