@@ -58,3 +58,16 @@ STORE_ERRORS = Counter(
     "Operations on the shared store that failed (Redis unreachable or too slow).",
     ["operation"],
 )
+
+# Labelled children of TOKEN_REQUESTS, looked up once: keys are configured names and a fixed
+# vocabulary, so the table stays as small as the label set itself.
+_token_requests: dict[tuple[str, str, str], Counter] = {}
+
+
+def token_requests(account: str, caller: str, outcome: str) -> Counter:
+    """The `token_requests_total` series of one account, caller and outcome."""
+    key = (account, caller, outcome)
+    child = _token_requests.get(key)
+    if child is None:
+        child = _token_requests[key] = TOKEN_REQUESTS.labels(account, caller, outcome)
+    return child

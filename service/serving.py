@@ -49,20 +49,29 @@ def run_serve(config: Path | None, *, host: str, port: int, workers: int) -> int
     os.environ[CONFIG_ENV] = str(config.resolve())
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with _metrics_directory(workers):
-        uvicorn.run(
-            APP_FACTORY,
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            lifespan="on",
-            access_log=False,
-            log_config=None,
-            proxy_headers=False,
-            server_header=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        )
+        serve_app(APP_FACTORY, host=host, port=port, workers=workers)
     return 0
+
+
+def serve_app(factory: str, *, host: str, port: int, workers: int) -> None:
+    """Serve the ASGI app `factory` ("module:function") with the production server settings.
+
+    `serve` uses it for the broker; the benchmark serves its baseline app through it too, so
+    both sides of a comparison run under exactly the same server.
+    """
+    uvicorn.run(
+        factory,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

@@ -7,7 +7,7 @@ from litestar.di import NamedDependency
 
 from service.api.problems import problem_responses
 from service.api.schemas import AccountBody, AccountsBody
-from service.api.security import Caller
+from service.api.security import Caller, requires_caller
 from service.broker.core import TokenBroker
 
 
@@ -16,6 +16,7 @@ class AccountController(Controller):
 
     path = "/accounts"
     tags = ("accounts",)
+    guards = (requires_caller,)
 
     @get(
         operation_id="listAccounts",

@@ -11,18 +11,17 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.prometheus import PrometheusConfig
 
 from service.api.accounts import AccountController
 from service.api.dependencies import DEPENDENCIES, RUNTIME_STATE_KEY
+from service.api.http_metrics import http_metrics
 from service.api.ops import MetricsController, OpsController
 from service.api.problems import EXCEPTION_HANDLERS
-from service.api.security import CALLERS_STATE_KEY, CallerDirectory, requires_caller
+from service.api.security import CALLERS_STATE_KEY, CallerDirectory
 from service.api.tokens import TokenController
 from service.broker.runtime import BrokerRuntime
 from service.config import ConfigError, Settings, config_path_from_env, load_settings
 from service.logs import configure_logging
-from service.metrics import PREFIX
 
 _SECURITY_SCHEME = "callerKey"
 # Far above any valid body (an invalidate request carries one token); larger ones get 413.
@@ -72,24 +71,20 @@ def create_app(settings: Settings) -> Litestar:
             del app.state[RUNTIME_STATE_KEY]
             await runtime.stop()
 
+    # No router-wide guard: each /v1 controller guards itself (requires_caller, or on the token
+    # routes requires_account_access, which includes it), so a request runs one guard only.
     api = Router(
         path="/v1",
         route_handlers=[AccountController, TokenController],
-        guards=[requires_caller],
         security=[{_SECURITY_SCHEME: []}],
-    )
-    http_metrics = PrometheusConfig(
-        app_name="monogoto-broker",
-        prefix=PREFIX + "http",
-        # Label by route template (`/v1/accounts/{account}/token`), never the raw path.
-        group_path=True,
     )
     return Litestar(
         route_handlers=[api, OpsController, MetricsController],
         lifespan=[lifespan],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[http_metrics.middleware],
+        # Labelled by route template (`/v1/accounts/{account}/token`), never the raw path.
+        middleware=[http_metrics],
         state=State({CALLERS_STATE_KEY: callers}),
         openapi_config=_openapi_config(),
         request_max_body_size=_MAX_BODY_BYTES,

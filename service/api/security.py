@@ -86,24 +86,40 @@ def _refuse(reason: str) -> NoReturn:
     raise UnauthenticatedError(reason)
 
 
-def requires_caller(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+def _authorization(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    # Straight from the raw ASGI headers (names arrive lower-cased): building Litestar's
+    # Headers object for one header would cost more than the whole lookup.
+    for name, value in connection.scope["headers"]:
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return None
+
+
+def _identify(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
+    callers: CallerDirectory = connection.app.state[CALLERS_STATE_KEY]
+    caller = callers.authenticate(_authorization(connection))
+    connection.scope["user"] = caller
+    return caller
+
+
+async def requires_caller(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     """Guard: identify the caller by its key (else 401) and make it the connection's user.
 
     A guard rather than an authentication middleware, so that the refusal becomes a response
-    inside the route, where the HTTP metrics see its real status.
+    inside the route, where the HTTP metrics see its real status. Guards are coroutines:
+    Litestar runs a plain-function guard in a worker thread.
     """
-    callers: CallerDirectory = connection.app.state[CALLERS_STATE_KEY]
-    connection.scope["user"] = callers.authenticate(connection.headers.get("authorization"))
+    _identify(connection)
 
 
-def requires_account_access(
-    connection: ASGIConnection[Any, Caller, Any, Any], _: BaseRouteHandler
-) -> None:
-    """Guard: the caller may use the configured account named in the path, else 403."""
-    account: str = connection.path_params["account"]
-    caller = connection.user
+def authorise(connection: ASGIConnection[Any, Any, Any, Any], account: str) -> Caller:
+    """Identify the caller (else UnauthenticatedError, a 401), then require that it may use the
+    configured `account` (else ForbiddenError, a 403); the caller."""
+    caller = _identify(connection)
     if account in caller.accounts:
-        return
+        return caller
     CALLER_AUTH_FAILURES.labels("forbidden").inc()
     configured = account in connection.app.state[CALLERS_STATE_KEY].accounts
     # An unknown account is not counted under its name: that would let any caller mint labels.
@@ -120,3 +136,14 @@ def requires_account_access(
         },
     )
     raise ForbiddenError
+
+
+async def requires_account_access(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
+    """Guard: `authorise` the caller for the account named in the path (401 or 403 if not).
+
+    One guard for both checks: Litestar copies the route handler for every guard it runs, on
+    every request (GET token skips guards altogether and calls `authorise` itself).
+    """
+    authorise(connection, connection.path_params["account"])

@@ -468,29 +468,62 @@ async def test_token_appears_only_in_token_bodies(client: Client) -> None:
 
 @pytest.fixture
 def api_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Log records of the API at INFO and above."""
-    with caplog.at_level(logging.INFO, logger="service"):
+    """Log records of the API at DEBUG and above."""
+    with caplog.at_level(logging.DEBUG, logger="service"):
         yield caplog
+
+
+def _token_records(logs: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [record for record in logs.records if getattr(record, "event", None) == event]
 
 
 async def test_one_log_line_per_token_request(
     client: Client, api_logs: pytest.LogCaptureFixture
 ) -> None:
-    """Each token request logs one line with caller, outcome and fingerprint, never the token."""
+    """Each token request logs one line with caller, outcome and fingerprint, never the token:
+    at DEBUG for a GET answered from the local cache, at INFO for every other answer."""
     api_logs.clear()
-    token = (await client.get("/v1/accounts/fleet-eu/token", headers=BILLING)).json()
-    records = [
-        record for record in api_logs.records if getattr(record, "event", None) == "token.get"
-    ]
-    assert len(records) == 1
-    fields = records[0].__dict__
-    assert (fields["account"], fields["caller"]) == ("fleet-eu", "billing")
-    assert fields["outcome"] in ("local", "shared", "fetched")
-    assert fields["token_fingerprint"] == fingerprint(token["access_token"])
-    assert isinstance(fields["expires_in"], int)
+    first = (await client.get("/v1/accounts/fleet-eu/token", headers=BILLING)).json()
+    second = (await client.get("/v1/accounts/fleet-eu/token", headers=BILLING)).json()
+    gets = _token_records(api_logs, "token.get")
+    assert len(gets) == 2
+    for record, token in zip(gets, [first, second], strict=True):
+        fields = record.__dict__
+        assert (fields["account"], fields["caller"]) == ("fleet-eu", "billing")
+        assert fields["outcome"] in ("local", "shared", "fetched")
+        assert record.levelno == (logging.DEBUG if fields["outcome"] == "local" else logging.INFO)
+        assert fields["token_fingerprint"] == fingerprint(token["access_token"])
+        assert isinstance(fields["expires_in"], int)
+    # The first answer put the token in this process's cache: the second came from there.
+    assert (gets[1].outcome, gets[1].levelno) == ("local", logging.DEBUG)  # type: ignore[attr-defined]
+
+    replaced = await client.post(
+        "/v1/accounts/fleet-eu/token/invalidate",
+        headers=BILLING,
+        json={"access_token": first["access_token"]},
+    )
+    assert replaced.status_code == 200
+    [invalidate] = _token_records(api_logs, "token.invalidate")
+    assert invalidate.levelno == logging.INFO
+    assert invalidate.outcome in ("shared", "fetched")  # type: ignore[attr-defined]
+
     formatter = JsonLinesFormatter()
     for record in api_logs.records:
-        assert token["access_token"] not in formatter.format(record)
+        text = formatter.format(record)
+        for token in (first, second, replaced.json()):
+            assert token["access_token"] not in text
+
+
+async def test_failed_token_request_logs_a_warning(
+    client: Client, api_logs: pytest.LogCaptureFixture
+) -> None:
+    """A token request the broker cannot serve logs one WARNING line with the problem code."""
+    api_logs.clear()
+    response = await client.get("/v1/accounts/locked/token", headers=OPS)
+    assert response.status_code == 503
+    [record] = _token_records(api_logs, "token.get")
+    assert record.levelno == logging.WARNING
+    assert (record.outcome, record.code) == ("error", "credentials_rejected")  # type: ignore[attr-defined]
 
 
 async def test_http_metrics_count_refusals_under_their_real_status(client: Client) -> None:
