@@ -6,6 +6,8 @@ import logging
 import time
 from dataclasses import replace
 
+from pydantic import SecretStr
+
 from service.broker.budget import BudgetExhaustedError
 from service.broker.model import CredentialsRejectedError, UpstreamUnavailableError
 from service.broker.state import AccountState
@@ -13,7 +15,7 @@ from service.claims import fingerprint
 from service.config import Account, RefreshSettings
 from service.metrics import CREDENTIALS_REJECTED, STORE_ERRORS
 from service.store import FailureRecord, StoreUnavailableError, TokenRecord, TokenStore
-from service.upstream import MonogotoClient, UpstreamError
+from service.upstream import MonogotoClient, TokenGrant, UpstreamError
 from service.upstream import errors as upstream_errors
 
 log = logging.getLogger(__name__)
@@ -42,13 +44,16 @@ class Renewer:
     async def renew(self, account: str, current: TokenRecord | None) -> TokenRecord:
         """A new record replacing `current`, written and published; raises BrokerError."""
         state = self._states[account]
+        offered = current.grant() if current else None
+        if current is not None and current.refresh_token is not None:
+            current, offered = await self._spend_ahead(account, current)
         try:
-            grant = await self._client.renew(
-                self._accounts[account], current.grant() if current else None
-            )
+            grant = await self._client.renew(self._accounts[account], offered)
         except UpstreamError as error:
-            if error.refresh_token_spent and current is not None:
-                await self._forget_refresh_token(account, current)
+            refresh_token = offered.refresh_token if offered else None
+            if current is not None and refresh_token is not None and not error.refresh_token_spent:
+                # The refresh certainly never reached Monogoto: its token is still good.
+                await self._keep_refresh_token(account, current, refresh_token)
             raise await self._failed(account, error) from None
         local = state.token
         replaces = max(current.version if current else 0, local.record.version if local else 0)
@@ -134,14 +139,35 @@ class Renewer:
             "Monogoto rejected this account's credentials", retry_after=backoff
         )
 
-    async def _forget_refresh_token(self, account: str, current: TokenRecord) -> None:
-        """The refresh token may be consumed (DESIGN rule 7): keep the access token, but make
-        sure no replica ever sends that refresh token again."""
-        if current.refresh_token is None:
-            return
+    async def _spend_ahead(
+        self, account: str, current: TokenRecord
+    ) -> tuple[TokenRecord, TokenGrant]:
+        """Store `current` without its refresh token before sending that token (DESIGN rule 7):
+        should this process die mid-refresh, whoever renews next logs in instead of sending a
+        token Monogoto may already have spent. The access token stays in use while valid.
+
+        Returns the record now current and the grant to renew from; if the store did not take
+        the note, that grant has no refresh token either (only a login is safe then)."""
         spent = replace(current, refresh_token=None, version=current.version + 1)
         try:
-            await self._store.save(account, spent)
+            saved = await self._store.save(account, spent)
         except StoreUnavailableError:
             STORE_ERRORS.labels("save").inc()
+            saved = False
+        if not saved:
+            return current, spent.grant()
         self._states[account].adopt(account, spent)
+        return spent, current.grant()
+
+    async def _keep_refresh_token(
+        self, account: str, spent: TokenRecord, refresh_token: SecretStr
+    ) -> None:
+        """Put back a refresh token that was noted as spent but certainly never sent."""
+        kept = replace(spent, refresh_token=refresh_token, version=spent.version + 1)
+        try:
+            if not await self._store.save(account, kept):
+                return  # someone wrote a newer record meanwhile
+        except StoreUnavailableError:
+            STORE_ERRORS.labels("save").inc()
+            return  # the next renewal logs in instead
+        self._states[account].adopt(account, kept)
