@@ -34,6 +34,14 @@ class Check:
     detail: str
 
 
+def build_retry_policy(settings: Settings) -> RetryPolicy:
+    """The client's retry bounds, as configured in `upstream.retry`."""
+    configured = settings.upstream.retry
+    return RetryPolicy(
+        max_attempts=configured.max_attempts, max_elapsed_seconds=configured.max_elapsed_seconds
+    )
+
+
 def timing_for(settings: Settings, retry: RetryPolicy) -> Timing:
     """Lock lease and wait deadline that outlive the slowest renewal any account can take."""
     slowest = max(account.timeout_seconds for account in settings.accounts_resolved().values())
@@ -79,7 +87,7 @@ class BrokerRuntime:
     async def start(cls, settings: Settings) -> BrokerRuntime:
         """Connect and start background tasks; raises if the store cannot be set up."""
         store = open_store(settings)
-        retry = RetryPolicy()
+        retry = build_retry_policy(settings)
         budget = AuthBudget(store, settings.upstream.auth_rate)
         http = httpx.AsyncClient(follow_redirects=False)
         client = MonogotoClient(

@@ -21,6 +21,7 @@ from service.config.models import (
     CallerSettings,
     Dialect,
     RefreshSettings,
+    RetrySettings,
     UpstreamSettings,
 )
 from service.config.settings import ENV_PREFIX, Settings
@@ -40,6 +41,7 @@ __all__ = [
     "Dialect",
     "Name",
     "RefreshSettings",
+    "RetrySettings",
     "Settings",
     "UpstreamSettings",
     "build_settings",

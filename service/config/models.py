@@ -16,6 +16,15 @@ from service.keys import DIGEST_PREFIX
 ALL_ACCOUNTS = "*"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
+# Upper bounds of durations: far beyond any sensible setting, yet small enough that every
+# Redis expiry derived from them (lock lease, budget window, failure marker, record TTL) is one
+# Redis accepts. Without them, `timeout_seconds: 1e20` passed the checks and every renewal
+# then failed as "store unavailable".
+MAX_TIMEOUT_SECONDS = 600.0
+MAX_RETRY_SECONDS = 3600.0
+MAX_PERIOD_SECONDS = 86400.0
+MAX_REFRESH_SECONDS = 7 * 86400.0
+
 
 class Dialect(StrEnum):
     """Which of Monogoto's two authentication APIs an account uses."""
@@ -34,12 +43,28 @@ class _Section(BaseModel):
     # hide_input_in_errors: a raw ValidationError printed elsewhere must not show a password.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: object) -> object:
+        # No section field is a flag: YAML's `true` would otherwise pass as the number 1.
+        if isinstance(value, bool):
+            raise ValueError("must not be true or false")
+        return value
+
 
 class AuthRate(_Section):
     """Upstream login/refresh budget shared by all replicas, per base URL."""
 
     limit: int = Field(5, ge=1)
-    period_seconds: float = Field(60.0, gt=0)
+    period_seconds: float = Field(60.0, gt=0, le=MAX_PERIOD_SECONDS)
+
+
+class RetrySettings(_Section):
+    """How hard one login or refresh tries before giving up; with the timeout, it bounds the
+    lock lease (how long a dead holder keeps other replicas waiting)."""
+
+    max_attempts: int = Field(4, ge=1)
+    max_elapsed_seconds: float = Field(30.0, gt=0, le=MAX_RETRY_SECONDS)
 
 
 class UpstreamSettings(_Section):
@@ -47,19 +72,20 @@ class UpstreamSettings(_Section):
 
     dialect: Dialect = Dialect.LEGACY
     base_url: BaseUrl | None = None
-    timeout_seconds: float = Field(10.0, gt=0)
+    timeout_seconds: float = Field(10.0, gt=0, le=MAX_TIMEOUT_SECONDS)
     auth_rate: AuthRate = Field(default_factory=AuthRate)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
 
 
 class RefreshSettings(_Section):
     """When tokens are renewed ahead of expiry."""
 
     fraction: float = Field(0.75, gt=0, lt=1)
-    min_remaining_seconds: float = Field(60.0, ge=0)
-    default_lifetime_seconds: float = Field(3600.0, gt=0)
+    min_remaining_seconds: float = Field(60.0, ge=0, le=MAX_REFRESH_SECONDS)
+    default_lifetime_seconds: float = Field(3600.0, gt=0, le=MAX_REFRESH_SECONDS)
     # After Monogoto rejects an account's credentials, no replica tries it again for this long:
     # retrying wrong credentials quickly can get the account locked.
-    rejected_backoff_seconds: float = Field(300.0, gt=0)
+    rejected_backoff_seconds: float = Field(300.0, gt=0, le=MAX_REFRESH_SECONDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +108,7 @@ class AccountSettings(_Section):
     password_file: Path | None = None
     dialect: Dialect | None = None
     base_url: BaseUrl | None = None
-    timeout_seconds: float | None = Field(None, gt=0)
+    timeout_seconds: float | None = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS)
 
     @model_validator(mode="after")
     def _read_password(self) -> Self:

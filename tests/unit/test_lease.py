@@ -1,0 +1,61 @@
+"""The lock lease follows the configured retry bounds (how long a dead holder blocks others)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from service.broker.runtime import build_retry_policy, timing_for
+from service.config import ConfigError, build_settings
+
+
+@pytest.fixture(autouse=True)
+def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Isolate every test from BROKER_* variables of the surrounding shell."""
+    for name in list(os.environ):
+        if name.upper().startswith("BROKER_"):
+            monkeypatch.delenv(name)
+
+
+def settings(**upstream: Any) -> Any:
+    """Settings with one account and `upstream` as given."""
+    return build_settings(
+        {
+            "redis_url": "memory://",
+            "upstream": upstream,
+            "accounts": {"fleet-eu": {"username": "ops@example.com", "password": "pw-0451"}},
+        }
+    )
+
+
+def test_default_lease_outlives_a_refresh_and_a_login_fully_retried() -> None:
+    """With the defaults (10 s timeout, 30 s of retries) the lease is 85 s, the wait 95 s."""
+    loaded = settings()
+    timing = timing_for(loaded, build_retry_policy(loaded))
+    assert (timing.lease_seconds, timing.wait_seconds) == (85.0, 95.0)
+
+
+def test_shorter_retry_bounds_shorten_the_lease() -> None:
+    """An operator who bounds retries more tightly gets a shorter lease, so a replica that dies
+    mid-login holds the others back for less time."""
+    loaded = settings(timeout_seconds=2, retry={"max_attempts": 2, "max_elapsed_seconds": 3})
+    policy = build_retry_policy(loaded)
+    assert (policy.max_attempts, policy.max_elapsed_seconds) == (2, 3.0)
+    timing = timing_for(loaded, policy)
+    assert (timing.lease_seconds, timing.wait_seconds) == (15.0, 17.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_attempts", 0, "must be at least 1"),
+        ("max_elapsed_seconds", 0, "must be greater than 0"),
+    ],
+)
+def test_retry_bounds_are_checked(field: str, value: int, message: str) -> None:
+    """A retry bound that allows no attempt is refused at its dotted path."""
+    with pytest.raises(ConfigError) as caught:
+        settings(retry={field: value})
+    assert caught.value.problems == [f"upstream.retry.{field}: {message}"]
