@@ -276,3 +276,36 @@ TABLE_HEADER = (
     "| scenario | injected | callers saw | upstream calls | 429s | reused refresh tokens |\n"
     "|---|---|---|---|---|---|"
 )
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What a replica's `/readyz` said: its status code and its store check's detail."""
+
+    status: int
+    detail: str
+
+
+def readiness(url: str) -> Readiness:
+    """Ask a replica's `/readyz`."""
+    response = httpx.get(f"{url}/readyz", timeout=10)
+    checks = response.json()["checks"]
+    return Readiness(response.status_code, "; ".join(check["detail"] for check in checks))
+
+
+def account_statuses(url: str, key: str) -> dict[str, str]:
+    """Each account's status (`ok`, `refreshing`, `no_token`, ...) as one replica sees it."""
+    response = httpx.get(
+        f"{url}/v1/accounts", headers={"Authorization": f"Bearer {key}"}, timeout=10
+    )
+    response.raise_for_status()
+    return {body["name"]: body["status"] for body in response.json()["accounts"]}
+
+
+def upstream_results(urls: Iterable[str]) -> Counter[str]:
+    """Upstream attempts by `result` label, summed over the replicas' `/metrics`."""
+    results: Counter[str] = Counter()
+    for url in urls:
+        for labels, value in scrape(url).get("monogoto_broker_upstream_requests_total", []):
+            results[labels["result"]] += int(value)
+    return results
