@@ -3,6 +3,9 @@
 - `redis_server`: the session's server process (`RedisServer`). A test that stops or kills it
   must `start()` it again before it ends.
 - `redis_url`: the URL of that server, running and emptied (FLUSHALL) for this test.
+
+At the end of a run it prints the reliability table of the end-to-end scenarios that ran
+(this conftest is the one pytest-xdist's controller loads).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.e2e.harness import RELIABILITY_PROPERTY, TABLE_HEADER
 from tests.support import free_port
 
 _POLL_SECONDS = 0.05
@@ -125,3 +129,20 @@ def redis_url(redis_server: RedisServer) -> str:
     redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the reliability table of the scenarios that ran, passed or failed."""
+    rows = [
+        str(value)
+        for outcome in ("passed", "failed")
+        for report in terminalreporter.stats.get(outcome, [])
+        if getattr(report, "when", None) == "call"
+        for name, value in report.user_properties
+        if name == RELIABILITY_PROPERTY
+    ]
+    if rows:
+        terminalreporter.section("reliability (end-to-end scenarios)")
+        terminalreporter.write_line(TABLE_HEADER)
+        for row in sorted(rows):
+            terminalreporter.write_line(row)

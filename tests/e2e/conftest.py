@@ -3,8 +3,8 @@
 - `start_brokers`: start `serve` processes on a config file; stopped (SIGTERM) after the test.
 - `e2e_simulator`: a simulator process of its own, with the users of `harness.USERS`, reset
   before each test.
-- `reliability`: records the scenario's row of the reliability table; all rows are printed at
-  the end of the run.
+- `reliability`: records the scenario's row of the reliability table on the test's report (so
+  it also travels from pytest-xdist workers); `tests/conftest.py` prints all rows at the end.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ import yaml
 
 from service.simulator.client import SimulatorControl
 from service.simulator.process import SimulatorProcess
-from tests.e2e.harness import TABLE_HEADER, USERS, ReliabilityRow
+from tests.e2e.harness import RELIABILITY_PROPERTY, USERS, ReliabilityRow
 from tests.support import ServeProcess
 
 StartBrokers = Callable[[Path, int], list[ServeProcess]]
 Record = Callable[[ReliabilityRow], None]
-
-_ROWS = pytest.StashKey[list[ReliabilityRow]]()
 
 
 @pytest.fixture
@@ -68,22 +66,9 @@ def e2e_simulator(e2e_simulator_url: str) -> Iterator[SimulatorControl]:
 @pytest.fixture
 def reliability(request: pytest.FixtureRequest) -> Record:
     """Record this scenario's row of the reliability table (also printed right away)."""
-    rows = request.config.stash.setdefault(_ROWS, [])
 
     def record(row: ReliabilityRow) -> None:
         print(f"\n{row.markdown()}")  # the figures this scenario measured
-        rows.append(row)
+        request.node.user_properties.append((RELIABILITY_PROPERTY, row.markdown()))
 
     return record
-
-
-def pytest_terminal_summary(
-    terminalreporter: pytest.TerminalReporter, config: pytest.Config
-) -> None:
-    """Print the reliability table of the scenarios that ran."""
-    rows = config.stash.get(_ROWS, [])
-    if rows:
-        terminalreporter.section("reliability (end-to-end scenarios)")
-        terminalreporter.write_line(TABLE_HEADER)
-        for row in rows:
-            terminalreporter.write_line(row.markdown())

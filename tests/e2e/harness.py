@@ -272,6 +272,9 @@ class ReliabilityRow:
         return "| " + " | ".join(cells) + " |"
 
 
+#: The name of the user property carrying a scenario's row on its test report.
+RELIABILITY_PROPERTY = "reliability"
+
 TABLE_HEADER = (
     "| scenario | injected | callers saw | upstream calls | 429s | reused refresh tokens |\n"
     "|---|---|---|---|---|---|"
