@@ -14,9 +14,11 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from service.api.accounts import AccountController
 from service.api.dependencies import DEPENDENCIES, RUNTIME_STATE_KEY
+from service.api.failure_log import FAILURE_LOG_STATE_KEY, FailureLog
 from service.api.http_metrics import http_metrics
 from service.api.ops import MetricsController, OpsController
 from service.api.problems import EXCEPTION_HANDLERS
+from service.api.schemas import MAX_BODY_BYTES
 from service.api.security import CALLERS_STATE_KEY, CallerDirectory
 from service.api.tokens import TokenController
 from service.broker.runtime import BrokerRuntime
@@ -24,13 +26,11 @@ from service.config import ConfigError, Settings, config_path_from_env, load_set
 from service.logs import configure_logging
 
 _SECURITY_SCHEME = "callerKey"
-# Far above any valid body (an invalidate request carries one token); larger ones get 413.
-_MAX_BODY_BYTES = 64 * 1024
 _DESCRIPTION = """\
 Hands out valid Monogoto access tokens to authenticated internal callers.
 
 Callers authenticate with `Authorization: Bearer <caller key>`. Errors are RFC 9457
-`application/problem+json` with a stable `code`: `invalid_request` (400), `unauthenticated`
+`application/problem+json` with a stable `code`: `invalid_request` (400, 413), `unauthenticated`
 (401), `forbidden` (403, also for accounts that do not exist), `upstream_unavailable` and
 `credentials_rejected` (503, with `Retry-After`), `not_found`, `method_not_allowed` and
 `internal_error`. Operations endpoints (`/healthz`, `/readyz`, `/metrics`) need no caller key.
@@ -85,9 +85,9 @@ def create_app(settings: Settings) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         # Labelled by route template (`/v1/accounts/{account}/token`), never the raw path.
         middleware=[http_metrics],
-        state=State({CALLERS_STATE_KEY: callers}),
+        state=State({CALLERS_STATE_KEY: callers, FAILURE_LOG_STATE_KEY: FailureLog()}),
         openapi_config=_openapi_config(),
-        request_max_body_size=_MAX_BODY_BYTES,
+        request_max_body_size=MAX_BODY_BYTES,
         # Our JSON logging is configured by the process (service.logs); Litestar's default
         # logging config would replace it, and debug mode would put tracebacks in responses.
         logging_config=None,

@@ -46,27 +46,35 @@ class _Children:
         self.errors = ERRORS.labels(*labels) if status >= _SERVER_ERROR else None
 
 
+class _Route:
+    """The series of one (method, route template): one lookup per request finds them all."""
+
+    __slots__ = ("by_status", "in_progress", "method", "path")
+
+    def __init__(self, method: str, path: str) -> None:
+        self.method = method
+        self.path = path
+        self.in_progress = IN_PROGRESS.labels(method, path, str(_IN_PROGRESS_STATUS), APP_NAME)
+        self.by_status: dict[int, _Children] = {}
+
+    def done(self, status: int) -> _Children:
+        """The series of `status` on this route."""
+        children = self.by_status.get(status)
+        if children is None:
+            labels = (self.method, self.path, str(status), APP_NAME)
+            children = self.by_status[status] = _Children(labels, status)
+        return children
+
+
 # Keys are route templates and methods of matched routes only: a bounded set.
-_done: dict[tuple[str, str, int], _Children] = {}
-_in_progress: dict[tuple[str, str], Gauge] = {}
+_routes: dict[tuple[str, str], _Route] = {}
 
 
-def _children(method: str, path: str, status: int) -> _Children:
-    key = (method, path, status)
-    children = _done.get(key)
-    if children is None:
-        children = _done[key] = _Children((method, path, str(status), APP_NAME), status)
-    return children
-
-
-def _gauge(method: str, path: str) -> Gauge:
-    key = (method, path)
-    gauge = _in_progress.get(key)
-    if gauge is None:
-        gauge = _in_progress[key] = IN_PROGRESS.labels(
-            method, path, str(_IN_PROGRESS_STATUS), APP_NAME
-        )
-    return gauge
+def _route(method: str, path: str) -> _Route:
+    route = _routes.get((method, path))
+    if route is None:
+        route = _routes[method, path] = _Route(method, path)
+    return route
 
 
 def http_metrics(app: ASGIApp) -> ASGIApp:
@@ -80,8 +88,7 @@ def http_metrics(app: ASGIApp) -> ASGIApp:
         if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
-        method: str = scope["method"]
-        path: str = scope["path_template"]
+        route = _route(scope["method"], scope["path_template"])
         started = time.perf_counter()
         status = 200
 
@@ -91,16 +98,15 @@ def http_metrics(app: ASGIApp) -> ASGIApp:
                 status = message["status"]
             await send(message)
 
-        gauge = _gauge(method, path)
-        gauge.inc()
+        route.in_progress.inc()
         try:
             await app(scope, receive, status_send)
         finally:
             # Until the app returns: the body is sent by then (Litestar runs no background
             # task on these routes), one clock read fewer than timing the body message.
             duration = time.perf_counter() - started
-            gauge.dec()
-            children = _children(method, path, status)
+            route.in_progress.dec()
+            children = route.done(status)
             if children.errors is not None:
                 children.errors.inc()
             children.requests.inc()

@@ -20,7 +20,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from service.api.schemas import MAX_ACCESS_TOKEN_LENGTH, MAX_MIN_TTL_SECONDS
+from service.api.schemas import MAX_ACCESS_TOKEN_LENGTH, MAX_BODY_BYTES, MAX_MIN_TTL_SECONDS
 from service.api.security import ForbiddenError, UnauthenticatedError
 from service.broker import BrokerError
 
@@ -37,9 +37,12 @@ _DESCRIPTIONS = {
     400: "`invalid_request`: bad `min_ttl` or malformed body.",
     401: "`unauthenticated`: missing or unknown caller key (`WWW-Authenticate: Bearer`).",
     403: "`forbidden`: the caller may not use this account, or it does not exist.",
+    413: f"`invalid_request`: a body over {MAX_BODY_BYTES // 1024} KiB.",
     503: "`upstream_unavailable` (Monogoto unreachable, erroring or rate limiting) or "
     "`credentials_rejected` (Monogoto rejects the account's credentials); `Retry-After` set.",
 }
+
+_TOO_LARGE = f"The request body must be at most {MAX_BODY_BYTES // 1024} KiB."
 
 
 class Problem(msgspec.Struct):
@@ -117,6 +120,8 @@ def _http_exception(request: Request[Any, Any, Any], error: HTTPException) -> Re
         return _internal_error(request, error)
     if status == HTTPStatus.BAD_REQUEST:
         return problem(status, "invalid_request", _invalid_request_detail(request, error))
+    if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+        return problem(status, "invalid_request", _TOO_LARGE)
     code = _CODES_BY_STATUS.get(HTTPStatus(status), "invalid_request")
     # Only headers Litestar set itself (e.g. `Allow` on 405); the detail is the reason phrase.
     return problem(status, code, HTTPStatus(status).phrase + ".", dict(error.headers or {}))

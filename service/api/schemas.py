@@ -20,6 +20,8 @@ _BEARER = "Bearer"  # the only token type Monogoto issues
 MAX_MIN_TTL_SECONDS = 7 * 24 * 3600
 # Generous for a JWT, small enough that nobody posts a novel.
 MAX_ACCESS_TOKEN_LENGTH = 16 * 1024
+# Far above any valid body (an invalidate request carries one token); larger ones get 413.
+MAX_BODY_BYTES = 64 * 1024
 
 
 def utc_iso(timestamp: float) -> str:

@@ -16,9 +16,10 @@ from litestar.datastructures import CacheControlHeader, State
 from litestar.enums import ParamType
 from litestar.exceptions import ValidationException
 from litestar.openapi.spec import OpenAPIType, Operation, Parameter, Schema
-from litestar.params import FromPath, RequestBody
+from litestar.params import Body, FromPath
 
 from service.api.dependencies import RUNTIME_STATE_KEY
+from service.api.failure_log import FAILURE_LOG_STATE_KEY, FailureLog
 from service.api.problems import problem_responses
 from service.api.schemas import MAX_MIN_TTL_SECONDS, InvalidateBody, TokenBody, utc_iso
 from service.api.security import Caller, authorise, requires_account_access
@@ -100,7 +101,35 @@ def _broker(request: TokenRequest) -> TokenBroker:
     return cast(BrokerRuntime, request.app.state[RUNTIME_STATE_KEY]).broker
 
 
+def _log_failure(
+    request: TokenRequest,
+    error: BrokerError,
+    account: str,
+    caller: Caller,
+    event: str,
+    **context: str,
+) -> None:
+    failures: FailureLog = request.app.state[FAILURE_LOG_STATE_KEY]
+    suppressed = failures.warning_due(account, error.code)
+    if suppressed is None and not log.isEnabledFor(logging.DEBUG):
+        return
+    extra: dict[str, object] = {
+        "event": event,
+        "account": account,
+        "caller": caller.name,
+        **context,
+        "outcome": ERROR,
+        "code": error.code,
+    }
+    if suppressed is None:
+        log.debug("token request failed", extra=extra)
+    else:
+        extra["suppressed"] = suppressed
+        log.warning("token request failed", extra=extra)
+
+
 async def _serve(
+    request: TokenRequest,
     issuing: Awaitable[IssuedToken],
     account: str,
     caller: Caller,
@@ -110,23 +139,14 @@ async def _serve(
     """Await the broker, then count and log the request: one metric and one log line each.
 
     A GET answered from this process's cache logs at DEBUG: at thousands of requests per second
-    nobody reads those lines (the metric counts them); every other answer logs at INFO.
+    nobody reads those lines (the metric counts them); every other answer logs at INFO. A
+    failure logs at WARNING at most once per (account, code) and interval, else at DEBUG.
     """
     try:
         token = await issuing
     except BrokerError as error:
         token_requests(account, caller.name, ERROR).inc()
-        log.warning(
-            "token request failed",
-            extra={
-                "event": event,
-                "account": account,
-                "caller": caller.name,
-                **context,
-                "outcome": ERROR,
-                "code": error.code,
-            },
-        )
+        _log_failure(request, error, account, caller, event, **context)
         raise
     rendered = _render(token, time.time())
     outcome = token.outcome
@@ -154,6 +174,8 @@ _MIN_TTL_DESCRIPTION = (
     "Seconds the token must still be valid for, at least `refresh.min_remaining_seconds`; "
     "the broker renews it first if needed."
 )
+# The struct refuses unknown members (400); Litestar's schema for it does not say so itself.
+_NO_OTHER_MEMBERS = {"additional_properties": False}
 _MinTtl = Annotated[int, msgspec.Meta(ge=0, le=MAX_MIN_TTL_SECONDS)]
 
 
@@ -224,7 +246,7 @@ class TokenController(Controller):
         caller = authorise(request, account)
         min_ttl = _min_ttl(request.scope["query_string"])
         return await _serve(
-            _broker(request).get(account, min_ttl=min_ttl), account, caller, GET_EVENT
+            request, _broker(request).get(account, min_ttl=min_ttl), account, caller, GET_EVENT
         )
 
     @post(
@@ -232,18 +254,19 @@ class TokenController(Controller):
         operation_id="invalidateToken",
         summary="Report a token Monogoto rejected",
         status_code=200,
-        responses=problem_responses(400, 401, 403, 503),
+        responses=problem_responses(400, 401, 403, 413, 503),
         guards=[requires_account_access],
     )
     async def invalidate_token(
         self,
         request: TokenRequest,
         account: FromPath[str],
-        data: RequestBody[InvalidateBody],
+        data: Annotated[InvalidateBody, Body(schema_extra=_NO_OTHER_MEMBERS)],
     ) -> Response[TokenBody]:
         """If the reported token is still the current one, the broker obtains a new one;
         if it was already replaced, the current one comes back without calling Monogoto."""
         return await _serve(
+            request,
             _broker(request).invalidate(account, data.access_token),
             account,
             request.user,

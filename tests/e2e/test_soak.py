@@ -1,6 +1,6 @@
 """Soak: steady load on three replicas for ten minutes, with token lifetimes of seconds.
 
-Opt-in (`.venv/bin/pytest -m soak tests/e2e/test_soak.py -s`); `SOAK_SECONDS` shortens or
+Opt-in (`.venv/bin/pytest -m soak -n 0 -s tests/e2e/test_soak.py`); `SOAK_SECONDS` shortens or
 lengthens the run (default 600).
 """
 

@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.api import create_app
+from service.api import create_app, failure_log
 from service.claims import fingerprint
 from service.config import build_settings
 from service.keys import api_key_digest, new_encryption_key
@@ -524,6 +524,32 @@ async def test_failed_token_request_logs_a_warning(
     [record] = _token_records(api_logs, "token.get")
     assert record.levelno == logging.WARNING
     assert (record.outcome, record.code) == ("error", "credentials_rejected")  # type: ignore[attr-defined]
+
+
+async def test_repeated_failures_log_one_warning_per_interval(
+    client: Client, api_logs: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of failing requests for one account logs one WARNING and the rest at DEBUG; the
+    next WARNING, once the interval has passed, says how many failures it left out."""
+    now = [1000.0]
+    monkeypatch.setattr(failure_log, "monotonic", lambda: now[0])
+    api_logs.clear()
+    burst = await asyncio.gather(
+        *(client.get("/v1/accounts/locked/token", headers=OPS) for _ in range(20))
+    )
+    assert {response.status_code for response in burst} == {503}
+    records = _token_records(api_logs, "token.get")
+    assert len(records) == 20
+    [warning] = [record for record in records if record.levelno == logging.WARNING]
+    assert (warning.code, warning.suppressed) == ("credentials_rejected", 0)  # type: ignore[attr-defined]
+    assert sum(1 for record in records if record.levelno == logging.DEBUG) == 19
+
+    now[0] += failure_log.WARNING_INTERVAL_SECONDS
+    api_logs.clear()
+    await client.get("/v1/accounts/locked/token", headers=OPS)
+    [record] = _token_records(api_logs, "token.get")
+    assert (record.levelno, record.suppressed) == (logging.WARNING, 19)  # type: ignore[attr-defined]
+    assert '"suppressed":19' in JsonLinesFormatter().format(record)
 
 
 async def test_http_metrics_count_refusals_under_their_real_status(client: Client) -> None:
