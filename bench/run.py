@@ -495,7 +495,24 @@ def fleet(
     )
     for replica in replicas:
         replica.stop()
+    refresh_cycles(
+        directory=directory,
+        redis_url=redis_url,
+        simulator_url=simulator_url,
+        control=control,
+        stopping=stopping,
+    )
 
+
+def refresh_cycles(
+    *,
+    directory: Path,
+    redis_url: str,
+    simulator_url: str,
+    control: SimulatorControl,
+    stopping: Any,
+) -> None:
+    """Three replicas, short token lifetimes: upstream calls against new tokens served."""
     control.set(token_lifetime_seconds=CYCLE_LIFETIME_SECONDS)
     cycles = write_config(directory, "cycles", redis_url, simulator_url, key_prefix="cycles")
     replicas = []
@@ -521,11 +538,17 @@ def fleet(
     # token is noted as spent, so they are not a renewal count).
     names = [f"acct-{i:03d}" for i in range(ACCOUNTS)]
     headers = {"Authorization": f"Bearer {CALLER_KEY}"}
-    clients = [httpx.Client(base_url=r.url, timeout=10, headers=headers) for r in replicas]
+    clients = [httpx.Client(base_url=r.url, timeout=60, headers=headers) for r in replicas]
+    latencies: list[float] = []
 
     def tokens_now(turn: int) -> dict[str, str]:
         client = clients[turn % len(clients)]
-        return {n: client.get(f"/v1/accounts/{n}/token").json()["access_token"] for n in names}
+        tokens = {}
+        for name in names:
+            started = time.monotonic()
+            tokens[name] = client.get(f"/v1/accounts/{name}/token").json()["access_token"]
+            latencies.append(time.monotonic() - started)
+        return tokens
 
     try:
         before_calls, seen = calls_by_user(control), tokens_now(0)
@@ -557,7 +580,9 @@ def fleet(
         f"{observed:.0f} s observed: {total_renewals} new tokens served, "
         f"{total_calls} upstream calls = {total_calls / max(1, total_renewals):.3f} calls per "
         f"account per cycle; accounts with calls != new tokens: {odd} "
-        f"(calls and tokens are sampled at slightly different instants)"
+        f"(calls and tokens are sampled at slightly different instants); "
+        f"{len(latencies)} sampling requests, slowest {max(latencies) * 1000:.0f} ms, "
+        f"{sum(1 for s in latencies if s > 1)} over 1 s"
     )
 
 
