@@ -22,6 +22,11 @@ APP_FACTORY = "service.api.app:create_app_from_env"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # In-flight requests get this long to finish after SIGTERM; Kubernetes' default grace is 30 s.
 GRACEFUL_SHUTDOWN_SECONDS = 25
+# How long an idle keep-alive connection stays open. Longer than any Retry-After the broker
+# sends (at most the auth-budget window, 60 s + 1 s by default) and than the idle timeouts of
+# common load balancers (60 s): a client that waits as told, then reuses its connection, must not
+# race the server closing it (uvicorn's default of 5 s equals a typical Retry-After).
+KEEP_ALIVE_SECONDS = 75
 
 
 def _fail(command: str, *lines: str) -> int:
@@ -71,6 +76,7 @@ def serve_app(factory: str, *, host: str, port: int, workers: int) -> None:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -184,6 +185,55 @@ def test_serve_with_two_workers_shares_redis_and_metrics(
     assert not metrics_dir.exists()
     secrets = [old_token, new_token, key, *simulator_users.values()]
     assert_logs_are_safe_json(serve.log_lines(), secrets)
+
+
+def test_serve_keeps_an_idle_connection_open_past_a_retry_after(
+    tmp_path: Path,
+    start_serve: StartServe,
+    simulator: SimulatorControl,
+    simulator_users: dict[str, str],
+) -> None:
+    """A caller that waits out a typical Retry-After (5 s), then reuses its keep-alive
+    connection, is answered on it instead of finding it closed under its request."""
+    config = tmp_path / "broker.yaml"
+    key = write_config(config, simulator.base_url, simulator_users)
+    serve = start_serve(config, workers=1)
+    request = (
+        f"GET /v1/accounts/{ACCOUNT}/token HTTP/1.1\r\nHost: broker\r\n"
+        f"Authorization: Bearer {key}\r\n\r\n"
+    ).encode()
+    # A raw socket, because an HTTP client would quietly reconnect if the server had closed it.
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=30) as connection:
+        connection.sendall(request)
+        assert read_status_line(connection).startswith(b"HTTP/1.1 200")
+        # The idle time is the behaviour under test, not a wait for something to happen.
+        time.sleep(6.0)
+        connection.sendall(request)
+        assert read_status_line(connection).startswith(b"HTTP/1.1 200")
+    assert serve.stop() == 0
+
+
+def read_status_line(connection: socket.socket) -> bytes:
+    """Read one whole response (headers and a Content-Length body); its status line, or b""
+    if the server closed the connection."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return b""
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return b""
+        body += chunk
+    return head.split(b"\r\n", 1)[0]
 
 
 def token_requests(exposition: str) -> float:
