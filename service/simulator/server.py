@@ -17,6 +17,10 @@ EXIT_USAGE = 2
 EXIT_BIND = 1
 # Delayed answers may be in flight at shutdown; don't let them hold the process for long.
 _GRACEFUL_SHUTDOWN_SECONDS = 3
+# Idle keep-alive connections stay open like behind a typical API load balancer (60 s and more),
+# not uvicorn's 5 s: that equals httpx's own keep-alive expiry, so a client reusing a connection
+# after about 5 s would race the close and see a dropped request that never arrived.
+_KEEP_ALIVE_SECONDS = 75
 
 
 class UsersFileError(Exception):
@@ -114,6 +118,7 @@ def run_simulator(
         app,
         access_log=False,
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_keep_alive=_KEEP_ALIVE_SECONDS,
         server_header=False,
     )
     url = _url(sock)
