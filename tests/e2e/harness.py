@@ -172,6 +172,7 @@ class Callers:
     async def call(self, client: httpx.AsyncClient, name: str) -> None:
         """One token request for account `name`, recorded in the report."""
         url = f"{self.rotation.pick()}/v1/accounts/{name}/token"
+        asked = time.time()
         try:
             response = await client.get(url, headers=self._headers)
         except httpx.TransportError as error:
@@ -180,14 +181,20 @@ class Callers:
         code = "-"
         if response.status_code == 200:
             body = response.json()
-            if read_claims(body["access_token"])["exp"] <= time.time() or body["expires_in"] < 1:
-                self.report.problems.append(f"{name}: token served with {body['expires_in']} s")
+            self.report.problems.extend(self.judge(name, body, asked, time.time()))
             self.report.tokens[name].add(body["access_token"])
         else:
             code = response.json().get("code", "-")
             if "Retry-After" in response.headers:
                 self.report.retry_after.append(int(response.headers["Retry-After"]))
         self.report.answers[name, response.status_code, code] += 1
+
+    def judge(self, name: str, body: dict[str, Any], asked: float, answered: float) -> list[str]:
+        """What is wrong with a token answer asked for at `asked` and received at `answered`
+        (epoch seconds): here, a token expired or with less than a second left."""
+        if read_claims(body["access_token"])["exp"] <= answered or body["expires_in"] < 1:
+            return [f"{name}: token served with {body['expires_in']} s"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -312,3 +319,58 @@ def upstream_results(urls: Iterable[str]) -> Counter[str]:
         for labels, value in scrape(url).get("monogoto_broker_upstream_requests_total", []):
             results[labels["result"]] += int(value)
     return results
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Upstream calls per account against the refresh cycles a steady run allowed."""
+
+    per_account: dict[str, UpstreamCounts]
+    total: UpstreamCounts
+    cycles: float
+    cycle_seconds: float
+
+    @classmethod
+    def read(
+        cls,
+        simulator: SimulatorControl,
+        accounts: Mapping[str, Mapping[str, str]],
+        *,
+        elapsed: float,
+        fraction: float,
+        lifetime: float,
+    ) -> Cadence:
+        """The counts since the simulator's reset; `elapsed` runs from the first replica's
+        start, so the cycle count is an upper bound."""
+        cycle_seconds = fraction * lifetime
+        return cls(
+            per_account={
+                name: UpstreamCounts.read(simulator, settings["username"])
+                for name, settings in accounts.items()
+            },
+            total=UpstreamCounts.read(simulator),
+            cycles=elapsed / cycle_seconds,
+            cycle_seconds=cycle_seconds,
+        )
+
+    def describe(self) -> str:
+        """The "upstream calls" cell of the reliability table."""
+        per_account = {name: counts.calls for name, counts in self.per_account.items()}
+        return (
+            f"{self.total.describe()}; per account {per_account} "
+            f"in at most {self.cycles:.1f} refresh cycles"
+        )
+
+    def check(self, report: LoadReport, called_seconds: float) -> None:
+        """Every request answered with a valid token; one upstream call per cycle and account
+        plus the first login; tokens renewed cycle after cycle while callers called; no 429,
+        no reused refresh token."""
+        assert report.problems == []
+        assert report.failed() == 0
+        for name, counts in self.per_account.items():
+            assert counts.calls <= self.cycles + 1, f"{name}: more upstream calls than cycles"
+            # Jitter makes a cycle up to 10 % longer.
+            renewals = called_seconds / (self.cycle_seconds * 1.1) - 1
+            assert len(report.tokens[name]) >= renewals, f"{name}: not renewed every cycle"
+        assert self.total.rate_limited == 0
+        assert self.total.reused == 0
