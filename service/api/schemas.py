@@ -33,6 +33,11 @@ def _utc_iso_or_none(timestamp: float | None) -> str | None:
     return None if timestamp is None else utc_iso(timestamp)
 
 
+def seconds_left(expires_at: float, now: float) -> int:
+    """`expires_in`: whole seconds from `now` until `expires_at`, never below 0."""
+    return max(0, math.floor(expires_at - now))
+
+
 class TokenBody(msgspec.Struct):
     """A token handed to a caller."""
 
@@ -51,7 +56,7 @@ class TokenBody(msgspec.Struct):
             access_token=token.access_token,
             token_type=_BEARER,
             expires_at=utc_iso(token.expires_at),
-            expires_in=max(0, math.floor(token.expires_at - now)),
+            expires_in=seconds_left(token.expires_at, now),
             customer_id=token.customer_id,
         )
 

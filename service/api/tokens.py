@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -18,14 +17,13 @@ from litestar.exceptions import ValidationException
 from litestar.openapi.spec import OpenAPIType, Operation, Parameter, Schema
 from litestar.params import Body, FromPath
 
-from service.api.dependencies import RUNTIME_STATE_KEY
+from service.api.dependencies import provide_broker
 from service.api.failure_log import FAILURE_LOG_STATE_KEY, FailureLog
 from service.api.problems import problem_responses
-from service.api.schemas import MAX_MIN_TTL_SECONDS, InvalidateBody, TokenBody, utc_iso
+from service.api.schemas import MAX_MIN_TTL_SECONDS, InvalidateBody, TokenBody, seconds_left
 from service.api.security import Caller, authorise, requires_account_access
 from service.broker import BrokerError, IssuedToken, Outcome
 from service.broker.core import TokenBroker
-from service.broker.runtime import BrokerRuntime
 from service.claims import fingerprint
 from service.metrics import token_requests
 
@@ -33,7 +31,6 @@ log = logging.getLogger(__name__)
 
 GET_EVENT = "token.get"
 ERROR = "error"  # the outcome label of token_requests_total when the broker cannot serve
-_BEARER = "Bearer"
 _JSON = "application/json"
 
 TokenRequest = Request[Caller, Any, State]
@@ -61,7 +58,7 @@ _rendered: dict[str, _Rendered] = {}
 
 def _render(token: IssuedToken, now: float) -> _Rendered:
     """The answer for `token`: under load, the same one serves every request of a second."""
-    expires_in = max(0, math.floor(token.expires_at - now))
+    expires_in = seconds_left(token.expires_at, now)
     last = _rendered.get(token.account)
     if (
         last is not None
@@ -71,14 +68,7 @@ def _render(token: IssuedToken, now: float) -> _Rendered:
         and last.customer_id == token.customer_id
     ):
         return last
-    body = TokenBody(
-        account=token.account,
-        access_token=token.access_token,
-        token_type=_BEARER,
-        expires_at=utc_iso(token.expires_at),
-        expires_in=expires_in,
-        customer_id=token.customer_id,
-    )
+    body = TokenBody.of(token, now=now)
     same_token = last is not None and last.access_token == token.access_token
     rendered = _Rendered(
         access_token=token.access_token,
@@ -96,9 +86,9 @@ def _render(token: IssuedToken, now: float) -> _Rendered:
 
 
 def _broker(request: TokenRequest) -> TokenBroker:
-    # Read straight from the app state: a dependency would cost a signature-model pass per
+    # Called directly rather than injected: a dependency would cost a signature-model pass per
     # request on the hottest route.
-    return cast(BrokerRuntime, request.app.state[RUNTIME_STATE_KEY]).broker
+    return provide_broker(request.app.state)
 
 
 def _log_failure(
