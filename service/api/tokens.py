@@ -16,6 +16,7 @@ from litestar.enums import ParamType
 from litestar.exceptions import ValidationException
 from litestar.openapi.spec import OpenAPIType, Operation, Parameter, Schema
 from litestar.params import Body, FromPath
+from litestar.response.base import ASGIResponse
 
 from service.api.dependencies import provide_broker
 from service.api.failure_log import FAILURE_LOG_STATE_KEY, FailureLog
@@ -36,19 +37,45 @@ _JSON = "application/json"
 TokenRequest = Request[Caller, Any, State]
 
 
+class _Answer(Response[TokenBody]):
+    """A token answer whose ASGI response is built once per route, then handed out again.
+
+    For a returned Response, Litestar builds a new ASGI response on every request: it merges
+    the route's headers (here `Cache-Control`) into the response's, encodes them and renders
+    the body. Everything it passes besides the request belongs to the route, so for the same
+    route the result is the same; this answer builds it the first time and returns that after.
+    An ASGI response keeps no state between calls, so concurrent requests can share it.
+    """
+
+    __slots__ = ("_built", "_built_for")
+
+    def __init__(self, body: bytes) -> None:
+        # The body is already JSON: Litestar sends bytes as they are; the schema says TokenBody.
+        super().__init__(cast(TokenBody, body), media_type=_JSON)
+        self._built: ASGIResponse | None = None
+        self._built_for: object = None
+
+    def to_asgi_response(
+        self, app: Any, request: Request[Any, Any, Any], **route: Any
+    ) -> ASGIResponse:
+        """The ASGI response for `request`: the one built for its route, if there is one."""
+        handler = request.scope["route_handler"]
+        if self._built is None or self._built_for is not handler:
+            self._built = super().to_asgi_response(app, request, **route)
+            self._built_for = handler
+        return self._built
+
+
 @dataclass(slots=True)
 class _Rendered:
-    """One account's last answer; reused while token and `expires_in` are the same.
-
-    Litestar only reads a returned Response (it builds a new ASGI response from it every
-    time), so one instance can answer every request of that second.
-    """
+    """One account's last answer; reused while token and `expires_in` are the same, so under
+    load one answer serves every request of a second."""
 
     access_token: str
     expires_at: float
     customer_id: str | None
     expires_in: int
-    response: Response[TokenBody]
+    response: _Answer
     fingerprint: str
 
 
@@ -75,8 +102,7 @@ def _render(token: IssuedToken, now: float) -> _Rendered:
         expires_at=token.expires_at,
         customer_id=token.customer_id,
         expires_in=expires_in,
-        # The body is already JSON: Litestar sends bytes as they are; the schema says TokenBody.
-        response=cast(Response[TokenBody], Response(msgspec.json.encode(body), media_type=_JSON)),
+        response=_Answer(msgspec.json.encode(body)),
         fingerprint=last.fingerprint
         if last is not None and same_token
         else fingerprint(token.access_token),
