@@ -3,6 +3,10 @@
 - `create_bare_app`: the bare framework: one Litestar route at the token path answering a fixed
   body as large as a real token response. No authentication, metrics, logging or broker: the
   cost of Litestar and the server alone, the baseline the broker is measured against.
+- `create_floor_app`: the least Litestar can do on that route, for reference: a handler that
+  declares no parameters (no signature-model pass) and hands back one response built at start-up
+  (no response building per request). The broker's token route works this way too, so the
+  broker's distance to this floor is what its own per-request work costs.
 - `create_uncached_app`: the real broker app, except that every token request reads and
   decrypts the account's record from Redis instead of taking this process's cached token:
   what a request costs when the local cache misses.
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
-from litestar import Litestar, Response, get
+from litestar import Litestar, Request, Response, get
+from litestar.response.base import ASGIResponse
 
 from service.api.app import create_app
 from service.api.dependencies import RUNTIME_STATE_KEY
@@ -28,15 +34,33 @@ from service.logs import configure_logging
 BODY_BYTES_ENV = "BENCH_BODY_BYTES"
 
 
-def create_bare_app() -> Litestar:
-    """Litestar answering the token route with a fixed JSON body of `BENCH_BODY_BYTES` bytes."""
+def _fixed_body() -> bytes:
+    """A JSON body of `BENCH_BODY_BYTES` bytes."""
     size = int(os.environ.get(BODY_BYTES_ENV, "512"))
     filler = size - len(b'{"access_token":""}')
-    body = b'{"access_token":"' + b"x" * max(0, filler) + b'"}'
+    return b'{"access_token":"' + b"x" * max(0, filler) + b'"}'
+
+
+def create_bare_app() -> Litestar:
+    """Litestar answering the token route with a fixed JSON body of `BENCH_BODY_BYTES` bytes."""
+    body = _fixed_body()
 
     @get("/v1/accounts/{account:str}/token", operation_id="bareToken", sync_to_thread=False)
     def token(account: str) -> Response[bytes]:
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+    return Litestar(route_handlers=[token], logging_config=None, debug=False, openapi_config=None)
+
+
+def create_floor_app() -> Litestar:
+    """The bare app's route and body, answered with one pre-built response and no parameters."""
+    answer = ASGIResponse(
+        body=_fixed_body(), media_type="application/json", headers={"Cache-Control": "no-store"}
+    )
+
+    @get("/v1/accounts/{account:str}/token", operation_id="floorToken")
+    async def token(request: Request[Any, Any, Any]) -> ASGIResponse:
+        return answer
 
     return Litestar(route_handlers=[token], logging_config=None, debug=False, openapi_config=None)
 

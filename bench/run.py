@@ -366,13 +366,14 @@ def variants(
     for server in servers:
         for label, factory in [
             ("bare", "bench.apps:create_bare_app"),
+            ("floor", "bench.apps:create_floor_app"),
             ("uncached", "bench.apps:create_uncached_app"),
             ("logged", "bench.apps:create_logged_app"),
             ("broker", "service.api.app:create_app_from_env"),
         ]:
             if label == "broker" and server == "uvicorn":
                 continue
-            if label in {"uncached", "logged"} and server != "uvicorn":
+            if label in {"floor", "uncached", "logged"} and server != "uvicorn":
                 continue
             port = free_port()
             name = f"{label} ({server})"
@@ -443,6 +444,12 @@ def run(args: argparse.Namespace, directory: Path, stack: ExitStack) -> int:
                     f"p99 {m.p99_ms / bare.p99_ms:5.2f} x bare   "
                     f"CPU per request {m.cpu_us / bare.cpu_us:5.2f} x bare"
                 )
+    floor, ours = medians["floor (uvicorn)"], medians["broker (uvicorn)"]
+    print(
+        "  broker (uvicorn) against the floor (pre-built response, no parameters): "
+        f"throughput {ours.rps / floor.rps:5.2f} x, "
+        f"CPU per request {ours.cpu_us / floor.cpu_us:5.2f} x"
+    )
     if "granian" in servers:
         best = medians["bare (granian)"].rps / medians["bare (uvicorn)"].rps
         full = medians["broker (granian)"].rps / medians["broker (uvicorn)"].rps
