@@ -15,7 +15,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from service.api.accounts import AccountController
 from service.api.dependencies import DEPENDENCIES, RUNTIME_STATE_KEY
 from service.api.failure_log import FAILURE_LOG_STATE_KEY, FailureLog
-from service.api.http_metrics import http_metrics
+from service.api.http_metrics import MeteredLitestar
 from service.api.ops import MetricsController, OpsController
 from service.api.problems import EXCEPTION_HANDLERS
 from service.api.schemas import MAX_BODY_BYTES
@@ -58,7 +58,11 @@ def _openapi_config() -> OpenAPIConfig:
 
 
 def create_app(settings: Settings) -> Litestar:
-    """The broker app for `settings`; its lifespan starts and stops the broker runtime."""
+    """The broker app for `settings`; its lifespan starts and stops the broker runtime.
+
+    HTTP requests are counted and timed by route template (`/v1/accounts/{account}/token`,
+    never the raw path) around the whole app (`MeteredLitestar`).
+    """
     callers = CallerDirectory(settings.callers, frozenset(settings.accounts))
 
     @asynccontextmanager
@@ -78,13 +82,11 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[AccountController, TokenController],
         security=[{_SECURITY_SCHEME: []}],
     )
-    return Litestar(
+    return MeteredLitestar(
         route_handlers=[api, OpsController, MetricsController],
         lifespan=[lifespan],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
-        # Labelled by route template (`/v1/accounts/{account}/token`), never the raw path.
-        middleware=[http_metrics],
         state=State({CALLERS_STATE_KEY: callers, FAILURE_LOG_STATE_KEY: FailureLog()}),
         openapi_config=_openapi_config(),
         request_max_body_size=MAX_BODY_BYTES,

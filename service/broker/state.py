@@ -19,6 +19,7 @@ class LocalToken:
     account: str
     record: TokenRecord
     access_token: str = field(repr=False)
+    local: IssuedToken = field(init=False, repr=False, compare=False)
 
     @property
     def expires_at(self) -> float:
@@ -29,8 +30,15 @@ class LocalToken:
         """Whether at least `need` seconds are left."""
         return self.record.expires_at - time.time() >= need
 
+    def __post_init__(self) -> None:
+        # Built once: every local-cache hit hands out this same (immutable) object.
+        object.__setattr__(self, "local", self._issued(Outcome.LOCAL))
+
     def issue(self, outcome: Outcome) -> IssuedToken:
         """This token as handed to a caller."""
+        return self.local if outcome is Outcome.LOCAL else self._issued(outcome)
+
+    def _issued(self, outcome: Outcome) -> IssuedToken:
         return IssuedToken(
             account=self.account,
             access_token=self.access_token,
