@@ -21,6 +21,10 @@ class LocalToken:
     access_token: str = field(repr=False)
     local: IssuedToken = field(init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Built once: every local-cache hit hands out this same (immutable) object.
+        object.__setattr__(self, "local", self._issued(Outcome.LOCAL))
+
     @property
     def expires_at(self) -> float:
         """When the access token expires (wall clock)."""
@@ -29,10 +33,6 @@ class LocalToken:
     def usable(self, need: float) -> bool:
         """Whether at least `need` seconds are left."""
         return self.record.expires_at - time.time() >= need
-
-    def __post_init__(self) -> None:
-        # Built once: every local-cache hit hands out this same (immutable) object.
-        object.__setattr__(self, "local", self._issued(Outcome.LOCAL))
 
     def issue(self, outcome: Outcome) -> IssuedToken:
         """This token as handed to a caller."""
