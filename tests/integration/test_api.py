@@ -560,3 +560,24 @@ async def test_http_metrics_count_refusals_under_their_real_status(client: Clien
     assert response.status_code == 401
     after = await _metric(client, "monogoto_broker_http_requests_total", **labels)
     assert after == before + 1
+
+
+async def test_http_metrics_time_requests_by_route_template_only(client: Client) -> None:
+    """Token requests are counted and timed under the route template, never the account's
+    path; a path that matches no route leaves no series at all."""
+    template = {"method": "GET", "path": "/v1/accounts/{account}/token", "status_code": "200"}
+    duration = "monogoto_broker_http_request_duration_seconds_count"
+    before = await _metric(client, duration, **template)
+    requests_before = await _metric(client, "monogoto_broker_http_requests_total", **template)
+    for _ in range(3):
+        assert (await client.get("/v1/accounts/fleet-eu/token", headers=OPS)).status_code == 200
+    assert (await client.get("/v1/no-such-route", headers=OPS)).status_code == 404
+
+    assert await _metric(client, duration, **template) == before + 3
+    assert (
+        await _metric(client, "monogoto_broker_http_requests_total", **template)
+        == requests_before + 3
+    )
+    text = (await client.get("/metrics")).text
+    assert "/v1/accounts/fleet-eu/token" not in text
+    assert "no-such-route" not in text
