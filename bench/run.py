@@ -53,6 +53,7 @@ CYCLE_WINDOW_SECONDS = 65
 CYCLE_FRACTION = 0.75  # refresh.fraction: a token is renewed after 75 % of its lifetime
 _BENCH_LINE = re.compile(r"BENCH (.*)")
 CALLER_KEY, CALLER_DIGEST = new_api_key()
+CALLER_HEADERS = {"Authorization": f"Bearer {CALLER_KEY}"}
 
 
 def free_port() -> int:
@@ -84,8 +85,7 @@ class Server:
     def wait(self, path: str, timeout: float = 120.0) -> None:
         """Poll `path` until it answers 200."""
         deadline = time.monotonic() + timeout
-        headers = {"Authorization": f"Bearer {CALLER_KEY}"}
-        with httpx.Client(base_url=self.url, timeout=2.0, headers=headers) as http:
+        with httpx.Client(base_url=self.url, timeout=2.0, headers=CALLER_HEADERS) as http:
             while True:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
@@ -235,6 +235,18 @@ def child_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
+def start_replicas(names: list[str], config: Path, directory: Path, stopping: Any) -> list[Server]:
+    """One `serve` replica of `config` per name, each stopped with the run; once all are ready."""
+    replicas = []
+    for name in names:
+        port = free_port()
+        command = serve_command(config, port)
+        replicas.append(stopping(start_server(name, command, directory, port, child_env())))
+    for replica in replicas:
+        replica.wait("/readyz")
+    return replicas
+
+
 def serve_command(config: Path, port: int) -> list[str]:
     """The production command: `monogoto-broker serve --workers 1`."""
     return [
@@ -272,7 +284,7 @@ def token_of(url: str, account: str = BENCH_ACCOUNT) -> str:
     """The access token `url` serves now."""
     answer = httpx.get(
         f"{url}/v1/accounts/{account}/token",
-        headers={"Authorization": f"Bearer {CALLER_KEY}"},
+        headers=CALLER_HEADERS,
         timeout=10,
     )
     answer.raise_for_status()
@@ -283,14 +295,13 @@ def convergence(replicas: list[Server]) -> list[float]:
     """Seconds until every other replica serves the token one replica just obtained."""
     first, others = replicas[0], replicas[1:]
     results = []
-    clients = [httpx.Client(base_url=r.url, timeout=10) for r in others]
-    headers = {"Authorization": f"Bearer {CALLER_KEY}"}
+    clients = [httpx.Client(base_url=r.url, timeout=10, headers=CALLER_HEADERS) for r in others]
     path = f"/v1/accounts/{BENCH_ACCOUNT}/token"
     try:
         for _ in range(CONVERGENCE_TRIALS):
             old = token_of(first.url)
             answer = httpx.post(
-                f"{first.url}{path}/invalidate", json={"access_token": old}, headers=headers
+                f"{first.url}{path}/invalidate", json={"access_token": old}, headers=CALLER_HEADERS
             )
             answer.raise_for_status()
             new = answer.json()["access_token"]
@@ -298,7 +309,7 @@ def convergence(replicas: list[Server]) -> list[float]:
             pending = set(range(len(clients)))
             while pending:
                 for index in list(pending):
-                    if clients[index].get(path, headers=headers).json()["access_token"] == new:
+                    if clients[index].get(path).json()["access_token"] == new:
                         pending.discard(index)
                 if time.monotonic() - written > 30:
                     raise RuntimeError("replicas did not converge in 30 s")
@@ -405,23 +416,19 @@ def run(args: argparse.Namespace, directory: Path, stack: ExitStack) -> int:
     print(_machine(), flush=True)
     if args.profile:
         return profile(args, directory, config)
-    port = free_port()
-    broker = stopping(
-        start_server("broker", serve_command(config, port), directory, port, child_env())
-    )
-    broker.wait("/readyz")
+    [broker] = start_replicas(["broker"], config, directory, stopping)
     body_bytes = len(
         httpx.get(
             f"{broker.url}/v1/accounts/{BENCH_ACCOUNT}/token",
-            headers={"Authorization": f"Bearer {CALLER_KEY}"},
+            headers=CALLER_HEADERS,
         ).content
     )
-    targets = {"broker (uvicorn)": broker}
     env = child_env(BENCH_BODY_BYTES=str(body_bytes), BROKER_CONFIG=str(config))
     servers = args.servers.split(",")
-    targets |= variants(servers, directory, env, stopping)
-    for server in targets.values():
-        server.wait(f"/v1/accounts/{BENCH_ACCOUNT}/token" if server is not broker else "/readyz")
+    others = variants(servers, directory, env, stopping)
+    for server in others.values():
+        server.wait(f"/v1/accounts/{BENCH_ACCOUNT}/token")
+    targets = {"broker (uvicorn)": broker, **others}
     print(
         f"\nthroughput: GET /v1/accounts/{BENCH_ACCOUNT}/token, {body_bytes}-byte body, "
         f"wrk -t1 -c{args.connections} -d{args.seconds}s, {args.rounds} alternating rounds",
@@ -483,18 +490,7 @@ def fleet(
     stopping: Any,
 ) -> None:
     """Convergence across three replicas, then upstream calls per account per refresh cycle."""
-    replicas = [broker]
-    for index in (2, 3):
-        port = free_port()
-        replicas.append(
-            stopping(
-                start_server(
-                    f"replica{index}", serve_command(config, port), directory, port, child_env()
-                )
-            )
-        )
-    for replica in replicas:
-        replica.wait("/readyz")
+    replicas = [broker, *start_replicas(["replica2", "replica3"], config, directory, stopping)]
     seconds = convergence(replicas)
     print(
         f"\nconvergence after an invalidate on one of 3 replicas ({CONVERGENCE_TRIALS} trials): "
@@ -522,18 +518,7 @@ def refresh_cycles(
     """Three replicas, short token lifetimes: upstream calls against new tokens served."""
     control.set(token_lifetime_seconds=CYCLE_LIFETIME_SECONDS)
     cycles = write_config(directory, "cycles", redis_url, simulator_url, key_prefix="cycles")
-    replicas = []
-    for index in (1, 2, 3):
-        port = free_port()
-        replicas.append(
-            stopping(
-                start_server(
-                    f"cycles{index}", serve_command(cycles, port), directory, port, child_env()
-                )
-            )
-        )
-    for replica in replicas:
-        replica.wait("/readyz")
+    replicas = start_replicas(["cycles1", "cycles2", "cycles3"], cycles, directory, stopping)
     # Every account has its first token once each has a record version.
     deadline = time.monotonic() + 60
     while min(store_versions(cycles).values(), default=0) < 1:
@@ -544,8 +529,7 @@ def refresh_cycles(
     # replicas in turn and count the distinct ones (record versions also move when a refresh
     # token is noted as spent, so they are not a renewal count).
     names = [f"acct-{i:03d}" for i in range(ACCOUNTS)]
-    headers = {"Authorization": f"Bearer {CALLER_KEY}"}
-    clients = [httpx.Client(base_url=r.url, timeout=60, headers=headers) for r in replicas]
+    clients = [httpx.Client(base_url=r.url, timeout=60, headers=CALLER_HEADERS) for r in replicas]
     latencies: list[float] = []
 
     def tokens_now(turn: int) -> dict[str, str]:
