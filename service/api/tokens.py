@@ -95,16 +95,14 @@ def _render(token: IssuedToken, now: float) -> _Rendered:
         and last.customer_id == token.customer_id
     ):
         return last
-    body = TokenBody.of(token, now=now)
-    same_token = last is not None and last.access_token == token.access_token
     rendered = _Rendered(
         access_token=token.access_token,
         expires_at=token.expires_at,
         customer_id=token.customer_id,
         expires_in=expires_in,
-        response=_Answer(msgspec.json.encode(body)),
+        response=_Answer(msgspec.json.encode(TokenBody.of(token, now=now))),
         fingerprint=last.fingerprint
-        if last is not None and same_token
+        if last is not None and last.access_token == token.access_token
         else fingerprint(token.access_token),
     )
     _rendered[token.account] = rendered
