@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 
 from service.config import Account, AuthRate
 from service.metrics import AUTH_BUDGET_DENIED
@@ -15,8 +16,10 @@ log = logging.getLogger(__name__)
 # Grants are spaced on Redis's clock but counted by Monogoto on arrival; network jitter can bring
 # two requests closer together than they were granted, so the window is widened by this much.
 WINDOW_MARGIN_SECONDS = 1.0
-# A 429 without Retry-After cools everyone down for this long.
+# A 429 without Retry-After cools everyone down for this long (but never past the cap below).
 DEFAULT_COOL_DOWN_SECONDS = 60.0
+# No cool-down lasts longer than this by default (config: upstream.max_retry_after_seconds).
+DEFAULT_MAX_COOL_DOWN_SECONDS = 300.0
 
 
 class BudgetExhaustedError(UpstreamError):
@@ -36,12 +39,24 @@ def budget_scope(base_url: str) -> str:
 
 
 class AuthBudget:
-    """Plugs the store's sliding-log limiter into the Monogoto client's hooks."""
+    """Plugs the store's sliding-log limiter into the Monogoto client's hooks.
 
-    def __init__(self, store: TokenStore, rate: AuthRate) -> None:
+    `max_cool_down` caps the cool-down after a 429, with or without Retry-After.
+    """
+
+    def __init__(
+        self,
+        store: TokenStore,
+        rate: AuthRate,
+        *,
+        max_cool_down: float = DEFAULT_MAX_COOL_DOWN_SECONDS,
+    ) -> None:
+        if not 0 < max_cool_down < math.inf:
+            raise ValueError(f"max_cool_down must be finite and > 0, not {max_cool_down!r}")
         self._store = store
         self._limit = rate.limit
         self._window = rate.period_seconds + WINDOW_MARGIN_SECONDS
+        self._max_cool_down = max_cool_down
 
     async def before_attempt(self, account: Account, operation: Operation) -> None:
         """Take a unit or raise BudgetExhaustedError (StoreUnavailableError if Redis is down)."""
@@ -53,8 +68,12 @@ class AuthBudget:
             raise BudgetExhaustedError(account.name, operation, wait)
 
     async def rate_limited(self, account: Account, retry_after: float | None) -> None:
-        """Monogoto said 429: hold every replica back for its Retry-After."""
-        seconds = DEFAULT_COOL_DOWN_SECONDS if retry_after is None else retry_after
+        """Monogoto said 429: hold every replica back for its Retry-After (at most the cap)."""
+        wanted = DEFAULT_COOL_DOWN_SECONDS
+        # The client already drops a non-finite Retry-After; this hook does not rely on it.
+        if retry_after is not None and math.isfinite(retry_after):
+            wanted = retry_after
+        seconds = min(wanted, self._max_cool_down)
         log.warning(
             "Monogoto rate-limited us; cooling down the shared budget",
             extra={"account": account.name, "cool_down_seconds": seconds},

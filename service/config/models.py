@@ -22,6 +22,7 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 # then failed as "store unavailable".
 MAX_TIMEOUT_SECONDS = 600.0
 MAX_RETRY_SECONDS = 3600.0
+MAX_RETRY_AFTER_SECONDS = 900.0
 MAX_PERIOD_SECONDS = 86400.0
 MAX_REFRESH_SECONDS = 7 * 86400.0
 
@@ -75,6 +76,9 @@ class UpstreamSettings(_Section):
     timeout_seconds: float = Field(10.0, gt=0, le=MAX_TIMEOUT_SECONDS)
     auth_rate: AuthRate = Field(default_factory=AuthRate)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    # Caps Monogoto's Retry-After (and the shared cool-down after a 429): an absurd value such
+    # as `1e9` must not stall every replica for decades or be passed on to callers.
+    max_retry_after_seconds: float = Field(300.0, gt=0, le=MAX_RETRY_AFTER_SECONDS)
 
 
 class RefreshSettings(_Section):

@@ -66,11 +66,14 @@ class SimulatorControl:
         endpoint: str | None = None,
         count: int = 1,
         status: int | None = None,
-        retry_after: int | None = None,
+        retry_after: int | str | None = None,
         seconds: float | None = None,
         body: str | None = None,
     ) -> dict[str, Any]:
-        """Append a fault rule (see docs/simulator.md); returns it with its remaining uses."""
+        """Append a fault rule (see docs/simulator.md); returns it with its remaining uses.
+
+        A string `retry_after` is sent verbatim as the Retry-After header (e.g. "inf").
+        """
         rule: dict[str, Any] = {"endpoint": endpoint, "kind": kind, "count": count}
         optional = {"status": status, "retry_after": retry_after, "seconds": seconds, "body": body}
         rule.update({name: value for name, value in optional.items() if value is not None})

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 Endpoint = Literal["legacy_auth", "v1_token", "v1_refresh"]
 FaultKind = Literal["status", "delay", "drop", "garbage"]
 GarbageBody = Literal["not_json", "missing_fields", "expired_token", "opaque_token", "bad_claims"]
+# A Retry-After given as a string is sent verbatim ("inf", "1e9", an HTTP date, nonsense), to
+# play a Monogoto that sends absurd values; printable ASCII only, so it stays one valid header.
+RawHeaderValue = Annotated[str, StringConstraints(pattern=r"^[\x20-\x7e]*$", max_length=200)]
 
 # Which optional fields each kind takes; any other given field is a mistake worth a 400.
 _PARAMETERS: dict[str, tuple[set[str], set[str]]] = {
@@ -30,7 +33,7 @@ class FaultRule(BaseModel):
     kind: FaultKind
     count: int = Field(default=1, ge=1)
     status: int | None = Field(default=None, ge=400, le=599)
-    retry_after: int | None = Field(default=None, ge=0)
+    retry_after: Annotated[int, Field(ge=0)] | RawHeaderValue | None = None
     seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     body: GarbageBody | None = None
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 BeforeAttempt = Callable[[Account, Operation], Awaitable[None]]
 OnRateLimited = Callable[[Account, float | None], Awaitable[None]]
+
+# The longest Retry-After taken from Monogoto by default (config: upstream.max_retry_after_seconds).
+DEFAULT_MAX_RETRY_AFTER_SECONDS = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +77,8 @@ class MonogotoClient:
     to take a unit of the shared auth budget (it may raise to stop the attempt).
     `on_rate_limited` runs whenever Monogoto answers 429, before any retry, so that other
     replicas can hold back too.
+    `max_retry_after` caps every Retry-After taken from Monogoto, so an absurd value cannot stall
+    the shared budget or be passed on to callers.
     """
 
     def __init__(
@@ -82,8 +89,12 @@ class MonogotoClient:
         retry: RetryPolicy | None = None,
         before_attempt: BeforeAttempt = _no_gate,
         on_rate_limited: OnRateLimited = _ignore_rate_limit,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
     ) -> None:
+        if not 0 < max_retry_after < math.inf:
+            raise ValueError(f"max_retry_after must be finite and > 0, not {max_retry_after!r}")
         self._http = http
+        self._max_retry_after = max_retry_after
         self._default_lifetime = default_lifetime
         self._retry = retry or RetryPolicy()
         self._before_attempt = before_attempt
@@ -216,7 +227,7 @@ class MonogotoClient:
             raise TransientError(
                 account.name, operation, _describe(error), sent=True, timeout=timeout
             ) from None
-        _raise_for_status(account, operation, response)
+        _raise_for_status(account, operation, response, self._max_retry_after)
         try:
             payload = response.json()
         except ValueError:
@@ -303,26 +314,43 @@ def _string_field(
     return value
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: httpx.Response, cap: float) -> float | None:
+    """Monogoto's Retry-After in seconds, between 0 and `cap`; None if absent or unusable.
+
+    Seconds or an HTTP date (converted to seconds from now). A value that is neither, or is not
+    finite (`inf`, `nan`), counts as absent; a negative one or a past date as 0.
+    """
     value = response.headers.get("Retry-After")
     if value is None:
         return None
+    seconds: float | None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+        seconds = _seconds_until(value)
+    if seconds is None or not math.isfinite(seconds):
         return None
+    return min(cap, max(0.0, seconds))
 
 
-def _raise_for_status(account: Account, operation: Operation, response: httpx.Response) -> None:
+def _seconds_until(http_date: str) -> float | None:
+    try:
+        when = parsedate_to_datetime(http_date)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, with no claim about the local zone (RFC 5322)
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp() - time.time()
+
+
+def _raise_for_status(
+    account: Account, operation: Operation, response: httpx.Response, max_retry_after: float
+) -> None:
     status = response.status_code
     if status == 200:
         return
     if status == 429:
-        retry_after = _retry_after(response)
+        retry_after = _retry_after(response, max_retry_after)
         raise RateLimitedError(account.name, operation, "rate limited (429)", retry_after)
     if status >= 500:
         raise TransientError(account.name, operation, f"status {status}", sent=True, timeout=False)

@@ -396,6 +396,15 @@ def test_status_fault_429_carries_retry_after(
     assert response.headers["X-RateLimit-Remaining"] == "4"
 
 
+@pytest.mark.parametrize("value", ["inf", "1e9", "-5", "soon", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_status_fault_sends_a_string_retry_after_verbatim(
+    http: httpx.Client, simulator: SimulatorControl, value: str
+) -> None:
+    """A string retry_after goes out as it is: a Monogoto that sends absurd values."""
+    simulator.fault("status", status=429, retry_after=value)
+    assert legacy(http).headers["Retry-After"] == value
+
+
 def test_first_matching_fault_rule_applies(http: httpx.Client, simulator: SimulatorControl) -> None:
     """Rules are used in order; a rule for another endpoint is skipped."""
     simulator.fault("status", endpoint="legacy_auth", status=500)
@@ -588,6 +597,8 @@ def test_invalid_settings_are_400(simulator: SimulatorControl, settings: dict[st
         {"kind": "garbage", "body": "nonsense"},
         {"kind": "drop", "endpoint": "/Auth"},
         {"kind": "drop", "count": 0},
+        {"kind": "status", "status": 429, "retry_after": -1},
+        {"kind": "status", "status": 429, "retry_after": "1\r\nX-Injected: 1"},
     ],
 )
 def test_invalid_fault_rules_are_400(

@@ -213,6 +213,56 @@ async def test_429_with_retry_after_past_the_retry_bound_ends_the_call(
     assert attempts.by_operation[Operation.LOGIN] == 1
 
 
+async def test_429_with_retry_after_inf_counts_as_no_retry_after(
+    sim: SimulatorControl, client: MonogotoClient, attempts: Attempts
+) -> None:
+    """`Retry-After: inf` is ignored: the 429s are retried with backoff, then surface as
+    RateLimitedError without a retry_after (not an OverflowError, not an endless wait)."""
+    sim.fault("status", endpoint="v1_token", status=429, retry_after="inf", count=10)
+
+    with pytest.raises(RateLimitedError) as limited:
+        await client.login(_account(sim.base_url, Dialect.V1))
+
+    assert limited.value.retry_after is None
+    assert attempts.by_operation[Operation.LOGIN] == FAST.max_attempts
+
+
+async def test_429_with_an_absurd_retry_after_is_capped(
+    sim: SimulatorControl, client: MonogotoClient, attempts: Attempts
+) -> None:
+    """`Retry-After: 1e9` (31 years) is cut to the default cap of 300 s, past the retry bound."""
+    sim.fault("status", endpoint="v1_token", status=429, retry_after="1e9")
+
+    with pytest.raises(RateLimitedError) as limited:
+        await client.login(_account(sim.base_url, Dialect.V1))
+
+    assert limited.value.retry_after == 300
+    assert attempts.by_operation[Operation.LOGIN] == 1
+
+
+async def test_the_configured_cap_reaches_the_rate_limit_hook(sim: SimulatorControl) -> None:
+    """With max_retry_after set, on_rate_limited (the shared cool-down) sees the capped value."""
+    told: list[float | None] = []
+
+    async def on_rate_limited(_account: Account, retry_after: float | None) -> None:
+        told.append(retry_after)
+
+    sim.fault("status", endpoint="legacy_auth", status=429, retry_after="1e9")
+    async with httpx.AsyncClient() as http:
+        client = MonogotoClient(
+            http,
+            default_lifetime=DEFAULT_LIFETIME,
+            retry=FAST,
+            on_rate_limited=on_rate_limited,
+            max_retry_after=60,
+        )
+        with pytest.raises(RateLimitedError) as limited:
+            await client.login(_account(sim.base_url, Dialect.LEGACY))
+
+    assert limited.value.retry_after == 60
+    assert told == [60]
+
+
 async def test_5xx_runs_are_retried_until_success(
     sim: SimulatorControl, client: MonogotoClient, attempts: Attempts
 ) -> None:
