@@ -75,7 +75,9 @@ def create_uncached_app() -> Litestar:
     app = create_app(settings)
     store = open_store(settings)
 
-    async def read_through(account: str, *, min_ttl: float = 0.0) -> IssuedToken:
+    async def read_through(
+        account: str, *, min_ttl: float = 0.0, caller: str | None = None
+    ) -> IssuedToken:
         record = await store.load(account)
         if record is None:
             raise UpstreamUnavailableError("no token in the store")

@@ -1,4 +1,5 @@
-"""AES-GCM envelopes for tokens at rest: key id inside, account bound as associated data."""
+"""AES-GCM envelopes for tokens at rest: key id inside; the account, and what the envelope is
+for (e.g. a record's version), bound as associated data."""
 
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ class TokenCipher:
         self._sealing_kid = ring[0].kid.encode()
         self._keys = {key.kid.encode(): AESGCM(key.key) for key in ring}
 
-    def seal(self, account: str, plaintext: bytes) -> bytes:
-        """Encrypt `plaintext` for `account`: `kid:nonce+ciphertext+tag`."""
+    def seal(self, account: str, plaintext: bytes, context: bytes = b"") -> bytes:
+        """Encrypt `plaintext` for `account` (and `context`): `kid:nonce+ciphertext+tag`."""
         nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._keys[self._sealing_kid].encrypt(nonce, plaintext, account.encode())
+        sealed = self._keys[self._sealing_kid].encrypt(
+            nonce, plaintext, _associated(account, context)
+        )
         return self._sealing_kid + _SEPARATOR + nonce + sealed
 
-    def open(self, account: str, envelope: bytes) -> bytes:
-        """Decrypt an envelope sealed for `account`; EnvelopeError if that is impossible."""
+    def open(self, account: str, envelope: bytes, context: bytes = b"") -> bytes:
+        """Decrypt an envelope sealed for `account` and `context`; EnvelopeError if that is
+        impossible (another account or context, an unknown key, tampering)."""
         kid, separator, body = envelope.partition(_SEPARATOR)
         aead = self._keys.get(kid)
         if not separator or aead is None:
@@ -43,6 +47,14 @@ class TokenCipher:
         if len(body) < _NONCE_BYTES + _TAG_BYTES:
             raise EnvelopeError("envelope is truncated")
         try:
-            return aead.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], account.encode())
+            return aead.decrypt(
+                body[:_NONCE_BYTES], body[_NONCE_BYTES:], _associated(account, context)
+            )
         except InvalidTag:
             raise EnvelopeError("envelope does not open for this account and key") from None
+
+
+def _associated(account: str, context: bytes) -> bytes:
+    # Without a context the associated data is the account alone, as in envelopes sealed
+    # before contexts existed. Account names never hold a NUL, so the two parts cannot blur.
+    return account.encode() + (b"\0" + context if context else b"")

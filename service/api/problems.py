@@ -34,10 +34,13 @@ _CODES_BY_STATUS = {
     HTTPStatus.METHOD_NOT_ALLOWED: "method_not_allowed",
 }
 _DESCRIPTIONS = {
-    400: "`invalid_request`: bad `min_ttl` or malformed body.",
+    400: "`invalid_request`: bad `min_ttl` (or one at least the token lifetime) or malformed body.",
     401: "`unauthenticated`: missing or unknown caller key (`WWW-Authenticate: Bearer`).",
     403: "`forbidden`: the caller may not use this account, or it does not exist.",
     413: f"`invalid_request`: a body over {MAX_BODY_BYTES // 1024} KiB.",
+    429: "`renewal_rate_limited`: this caller already forced a renewal of this account in the "
+    "last minute (a `min_ttl` the current token cannot meet, or the report of a token still "
+    "valid); the current token stays valid and nothing was sent to Monogoto; `Retry-After` set.",
     503: "`upstream_unavailable` (Monogoto unreachable, erroring or rate limiting) or "
     "`credentials_rejected` (Monogoto rejects the account's credentials); `Retry-After` set.",
 }

@@ -186,7 +186,9 @@ async def _serve(
 _MIN_TTL = "min_ttl"
 _MIN_TTL_DESCRIPTION = (
     "Seconds the token must still be valid for, at least `refresh.min_remaining_seconds`; "
-    "the broker renews it first if needed."
+    "the broker renews it first if needed. Less than the account's token lifetime (else 400). "
+    "A renewal only this parameter calls for is forced: one per caller, account and minute "
+    "(else 429 `renewal_rate_limited`)."
 )
 # The struct refuses unknown members (400); Litestar's schema for it does not say so itself.
 _NO_OTHER_MEMBERS = {"additional_properties": False}
@@ -248,7 +250,7 @@ class TokenController(Controller):
     @get(
         operation_id="getToken",
         summary="Get a valid access token",
-        responses=problem_responses(400, 401, 403, 503),
+        responses=problem_responses(400, 401, 403, 429, 503),
         operation_class=_GetTokenOperation,
     )
     async def get_token(self, request: TokenRequest) -> Response[TokenBody]:
@@ -260,7 +262,11 @@ class TokenController(Controller):
         caller = authorise(request, account)
         min_ttl = _min_ttl(request.scope["query_string"])
         return await _serve(
-            request, _broker(request).get(account, min_ttl=min_ttl), account, caller, GET_EVENT
+            request,
+            _broker(request).get(account, min_ttl=min_ttl, caller=caller.name),
+            account,
+            caller,
+            GET_EVENT,
         )
 
     @post(
@@ -268,7 +274,7 @@ class TokenController(Controller):
         operation_id="invalidateToken",
         summary="Report a token Monogoto rejected",
         status_code=200,
-        responses=problem_responses(400, 401, 403, 413, 503),
+        responses=problem_responses(400, 401, 403, 413, 429, 503),
         guards=[requires_account_access],
     )
     async def invalidate_token(
@@ -281,7 +287,7 @@ class TokenController(Controller):
         if it was already replaced, the current one comes back without calling Monogoto."""
         return await _serve(
             request,
-            _broker(request).invalidate(account, data.access_token),
+            _broker(request).invalidate(account, data.access_token, caller=request.user.name),
             account,
             request.user,
             "token.invalidate",

@@ -8,6 +8,7 @@ from service.broker.model import (
     InvalidRequestError,
     IssuedToken,
     Outcome,
+    RenewalRateLimitedError,
     UpstreamUnavailableError,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "InvalidRequestError",
     "IssuedToken",
     "Outcome",
+    "RenewalRateLimitedError",
     "UpstreamUnavailableError",
 ]

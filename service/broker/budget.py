@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from contextvars import ContextVar
+from enum import Enum
 
 from service.config import Account, AuthRate
 from service.metrics import AUTH_BUDGET_DENIED
@@ -20,6 +22,18 @@ WINDOW_MARGIN_SECONDS = 1.0
 DEFAULT_COOL_DOWN_SECONDS = 60.0
 # No cool-down lasts longer than this by default (config: upstream.max_retry_after_seconds).
 DEFAULT_MAX_COOL_DOWN_SECONDS = 300.0
+
+
+class Urgency(Enum):
+    """Why a renewal is made: a token is needed, or a caller forced one while the current
+    token was still good (a `min_ttl` it cannot meet, the report of a still-valid token)."""
+
+    NEEDED = "needed"
+    FORCED = "forced"
+
+
+#: The urgency of the renewal the current task makes; set by the broker for its obtain task.
+URGENCY: ContextVar[Urgency] = ContextVar("renewal_urgency", default=Urgency.NEEDED)
 
 
 class BudgetExhaustedError(UpstreamError):
@@ -60,8 +74,10 @@ class AuthBudget:
 
     async def before_attempt(self, account: Account, operation: Operation) -> None:
         """Take a unit or raise BudgetExhaustedError (StoreUnavailableError if Redis is down)."""
+        # A renewal a caller forced leaves half the budget to renewals that keep tokens valid.
+        reserve = self._limit // 2 if URGENCY.get() is Urgency.FORCED else 0
         wait = await self._store.take_budget(
-            budget_scope(account.base_url), self._limit, self._window
+            budget_scope(account.base_url), self._limit, self._window, reserve=reserve
         )
         if wait > 0:
             AUTH_BUDGET_DENIED.inc()

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from service.broker.budget import URGENCY, Urgency
 from service.broker.model import (
     AccountView,
     InvalidRequestError,
     IssuedToken,
     Outcome,
+    RenewalRateLimitedError,
     UpstreamUnavailableError,
 )
 from service.broker.renewer import Renewer
@@ -31,14 +33,26 @@ Wanted = Callable[[TokenRecord], bool]
 POLL_SECONDS = 0.25
 # What a caller is told to wait when the store is down and there is no valid token.
 STORE_RETRY_AFTER_SECONDS = 5.0
+# What a caller is told to wait when its request outlived `api.max_wait_seconds`: the renewal
+# goes on meanwhile, and usually ends within a few seconds.
+STILL_OBTAINING_RETRY_AFTER_SECONDS = 5.0
+# A caller may force one renewal of an account per this interval (Monogoto's own window).
+FORCED_RENEWAL_INTERVAL_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class Timing:
-    """How long the lock protects one upstream renewal, and how long others wait for it."""
+    """How the lock protects one upstream renewal, and how long others wait for it.
+
+    The lease is short and renewed by its holder's watchdog every `lease_seconds / 3` while it
+    works, so a holder that dies holds the others up for one lease at most. Waiters (the obtain
+    tasks, not callers: a caller waits `max_wait_seconds` at most) give up after
+    `wait_seconds`, the longest a live holder can take.
+    """
 
     lease_seconds: float
     wait_seconds: float
+    max_wait_seconds: float = 10.0
 
 
 class TokenBroker:
@@ -61,6 +75,8 @@ class TokenBroker:
         self._states = {name: AccountState() for name in accounts}
         self._renewer = Renewer(accounts, refresh, store, client, self._states)
         self._flights: dict[str, asyncio.Future[tuple[TokenRecord, Outcome]]] = {}
+        # Write-backs of records the store had lost, so that each is done once at a time.
+        self._restoring: set[str] = set()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -71,29 +87,43 @@ class TokenBroker:
         """This process's view of `account` (KeyError if it is not configured)."""
         return self._states[account]
 
-    async def get(self, account: str, *, min_ttl: float = 0.0) -> IssuedToken:
-        """A token of `account` with at least max(min_ttl, min_remaining) seconds left."""
+    async def get(
+        self, account: str, *, min_ttl: float = 0.0, caller: str | None = None
+    ) -> IssuedToken:
+        """A token of `account` with at least max(min_ttl, min_remaining) seconds left.
+
+        A renewal that only `min_ttl` calls for (the current token is still good by the
+        broker's own rules) is forced: if it comes to an upstream call, that call is charged
+        to `caller` (429 when it already forced one lately).
+        """
         state = self._states[account]
         need = max(min_ttl, self._refresh.min_remaining_seconds)
         local = state.token
-        if local is not None and local.expires_at - time.time() >= need:
+        if local is not None and local.good_until - time.time() >= need:
             return local.issue(Outcome.LOCAL)
-        if local is not None and min_ttl > local.record.lifetime:
-            raise InvalidRequestError(
-                f"min_ttl exceeds this account's token lifetime ({local.record.lifetime:.0f} s)"
+        if local is not None:
+            self._check_reachable(min_ttl, local.record)
+        forced = local is not None and self._keeps(local.record)
+        record, outcome = await self._waited(
+            self._obtain(
+                account,
+                lambda record: record.usable_until - time.time() >= need,
+                take_fetched=True,
+                forced_by=(caller or "") if forced else None,
             )
-        record, outcome = await self._obtain(
-            account, lambda record: record.expires_at - time.time() >= need, take_fetched=True
         )
-        issued = state.adopt(account, record).issue(outcome)
-        if min_ttl > record.lifetime:
-            raise InvalidRequestError(
-                f"min_ttl exceeds this account's token lifetime ({record.lifetime:.0f} s)"
-            )
-        return issued
+        self._check_reachable(min_ttl, record)
+        return self._issue(account, record, outcome)
 
-    async def invalidate(self, account: str, access_token: str) -> IssuedToken:
-        """Replace `access_token` if it is still current; else return the current token."""
+    async def invalidate(
+        self, account: str, access_token: str, *, caller: str | None = None
+    ) -> IssuedToken:
+        """Replace `access_token` if it is still current; else return the current token.
+
+        The token is revoked for every replica before Monogoto is called, so it is never
+        served again even if no replacement comes. Reporting a token that is still good by
+        the broker's own rules forces a renewal, charged to `caller`.
+        """
         state = self._states[account]
         local = state.token
         if local is not None and local.access_token != access_token and local.usable(self._need):
@@ -102,25 +132,94 @@ class TokenBroker:
             "token reported as rejected",
             extra={"account": account, "token": fingerprint(access_token)},
         )
-        record, outcome = await self._obtain(
-            account,
-            lambda record: (
-                record.access_token.get_secret_value() != access_token
-                and record.expires_at - time.time() >= self._need
-            ),
+        forced = (
+            local is not None and local.access_token == access_token and self._keeps(local.record)
         )
-        return state.adopt(account, record).issue(outcome)
+        record, outcome = await self._waited(
+            self._obtain(
+                account,
+                lambda record: (
+                    record.access_token.get_secret_value() != access_token
+                    and record.usable_until - time.time() >= self._need
+                ),
+                revoke=access_token,
+                forced_by=(caller or "") if forced else None,
+            )
+        )
+        issued = self._issue(account, record, outcome)
+        if issued.access_token == access_token:
+            # Never answer a report with the token reported (e.g. a store gone back in time).
+            raise UpstreamUnavailableError(
+                "no replacement for the reported token yet",
+                retry_after=STILL_OBTAINING_RETRY_AFTER_SECONDS,
+            )
+        return issued
 
     async def refresh(self, account: str) -> Outcome:
         """Renew `account` if its token is due (or missing); SHARED if another replica did."""
-        record, outcome = await self._obtain(account, lambda record: not self.due(record))
-        self._states[account].adopt(account, record)
+        _, outcome = await self._obtain(account, lambda record: not self.due(record))
         return outcome
+
+    def _issue(self, account: str, record: TokenRecord, outcome: Outcome) -> IssuedToken:
+        """The cached token after an obtain; 503 if it cannot be served (the store offered a
+        record older than one this process knows, and the newer one is revoked)."""
+        token = self._states[account].adopt(account, record)
+        if not token.usable(0.0):
+            raise UpstreamUnavailableError(
+                "no valid token yet", retry_after=STILL_OBTAINING_RETRY_AFTER_SECONDS
+            )
+        return token.issue(outcome)
+
+    @staticmethod
+    def _check_reachable(min_ttl: float, record: TokenRecord) -> None:
+        """400 for a `min_ttl` that no token of this account can meet: a new token has its
+        whole lifetime left only at the instant it is issued."""
+        if min_ttl >= record.lifetime:
+            raise InvalidRequestError(
+                f"min_ttl must be less than this account's token lifetime ({record.lifetime:.0f} s)"
+            )
+
+    def _keeps(self, record: TokenRecord) -> bool:
+        """Whether the broker itself would keep serving `record` now (so renewing it is a
+        caller's choice, not a need)."""
+        return record.usable_until - time.time() >= self._need and not self.due(record)
+
+    async def _charge(self, account: str, caller: str) -> None:
+        """Count a forced renewal against `caller`; 429 if it already forced one lately."""
+        try:
+            wait = await self._store.take_forced(account, caller, FORCED_RENEWAL_INTERVAL_SECONDS)
+        except StoreUnavailableError:
+            STORE_ERRORS.labels("take_forced").inc()
+            raise UpstreamUnavailableError(
+                "the token store is unavailable; the current token cannot be renewed now",
+                retry_after=STORE_RETRY_AFTER_SECONDS,
+            ) from None
+        if wait > 0:
+            raise RenewalRateLimitedError(
+                "this caller already forced a renewal of this account within the last "
+                f"{FORCED_RENEWAL_INTERVAL_SECONDS:.0f} s; the current token is still valid",
+                retry_after=wait,
+            )
+
+    async def _waited(
+        self, obtaining: Awaitable[tuple[TokenRecord, Outcome]]
+    ) -> tuple[TokenRecord, Outcome]:
+        """`obtaining`, for at most `max_wait_seconds`: then 503, while the obtain goes on."""
+        try:
+            async with asyncio.timeout(self._timing.max_wait_seconds):
+                return await obtaining
+        except TimeoutError:
+            raise UpstreamUnavailableError(
+                "the token is still being obtained; try again shortly",
+                retry_after=STILL_OBTAINING_RETRY_AFTER_SECONDS,
+            ) from None
 
     def refresh_point(self, record: TokenRecord) -> float:
         """When a record is due: at `fraction` of its lifetime, earlier if that would leave less
         than `min_remaining_seconds`, but never before half that point (a misconfigured minimum
         longer than the lifetime must not turn into a login loop)."""
+        if record.revoked:
+            return record.obtained_at
         fraction_point = self._refresh.fraction * record.lifetime
         by_minimum = record.lifetime - self._need
         return record.obtained_at + max(fraction_point / 2, min(fraction_point, by_minimum))
@@ -141,28 +240,43 @@ class TokenBroker:
         state = self._states.get(account)
         if state is None or not state.newer(record):
             return False
-        state.adopt(account, record)
+        state.adopt(account, self._renewer.trusted(account, record))
         return True
+
+    async def reseed(self) -> None:
+        """Tell a store that lost data (restarted, rolled back, failed over) what this process
+        knows: the refresh tokens it spent and the rejections in force. (Newer records are
+        written back by the store sync's version poll.)"""
+        await self._renewer.reseed()
 
     @property
     def _need(self) -> float:
         return self._refresh.min_remaining_seconds
 
     async def _obtain(
-        self, account: str, wanted: Wanted, *, take_fetched: bool = False
+        self,
+        account: str,
+        wanted: Wanted,
+        *,
+        take_fetched: bool = False,
+        revoke: str | None = None,
+        forced_by: str | None = None,
     ) -> tuple[TokenRecord, Outcome]:
         """One in-flight obtain per account in this process; late callers share its result.
 
         A joiner whose `wanted` the shared result does not meet starts the next round, unless
         `take_fetched` and the result came from Monogoto just now: a token that new is as good
-        as any will be, and asking again would only repeat the call.
+        as any will be, and asking again would only repeat the call. `forced_by` names the
+        caller a renewal is charged to when it was forced (see `get`).
         """
         while True:
             flight = self._flights.get(account)
             # A finished flight not yet cleared away must not be joined: its result is final,
             # and awaiting it again would spin without ever yielding to the loop.
             if flight is None or flight.done():
-                flight = asyncio.ensure_future(self._obtain_once(account, wanted))
+                flight = asyncio.ensure_future(
+                    self._obtain_once(account, wanted, revoke=revoke, forced_by=forced_by)
+                )
                 self._flights[account] = flight
                 flight.add_done_callback(lambda done: self._landed(account, done))
                 # shield: a caller hanging up must not cancel the work others are waiting for.
@@ -185,33 +299,107 @@ class TokenBroker:
         for flight in list(self._flights.values()):
             flight.cancel()
 
-    async def _obtain_once(self, account: str, wanted: Wanted) -> tuple[TokenRecord, Outcome]:
+    async def _obtain_once(
+        self, account: str, wanted: Wanted, *, revoke: str | None, forced_by: str | None
+    ) -> tuple[TokenRecord, Outcome]:
+        # This task's own context: the budget sees how urgent its upstream attempts are.
+        URGENCY.set(Urgency.NEEDED if forced_by is None else Urgency.FORCED)
         try:
-            record = await self._store.load(account)
+            record = await self._current(account)
             if record is not None and wanted(record):
-                return record, Outcome.SHARED
+                return self._adopted(account, record, Outcome.SHARED)
             await self._renewer.check_rejected(account)
             held = await self._lock(account, wanted)
             if isinstance(held, TokenRecord):
-                return held, Outcome.SHARED
-            return await self._obtain_locked(account, wanted, held)
+                return self._adopted(account, held, Outcome.SHARED)
+            record, outcome = await self._obtain_locked(account, wanted, held, revoke, forced_by)
+            return self._adopted(account, record, outcome)
         except StoreUnavailableError:
             return self._without_store(account, wanted)
 
+    def _adopted(
+        self, account: str, record: TokenRecord, outcome: Outcome
+    ) -> tuple[TokenRecord, Outcome]:
+        # Cached by the obtain itself, so a result nobody waits for any more still counts.
+        self._states[account].adopt(account, record)
+        return record, outcome
+
+    async def _current(self, account: str) -> TokenRecord | None:
+        """The newest record known: the store's, or this process's if the store's is older
+        (it went back in time), which is then written back. A refresh token known to be
+        spent is left out either way."""
+        stored = await self._store.load(account)
+        stored = None if stored is None else self._renewer.trusted(account, stored)
+        local = self._states[account].token
+        if local is None or (stored is not None and stored.version >= local.record.version):
+            return stored
+        await self.restore(account)
+        return local.record
+
+    async def restore(self, account: str) -> bool:
+        """Write this process's record back to a store that holds an older one (or none);
+        whether it was written."""
+        token = self._states[account].token
+        if token is None or account in self._restoring:
+            return False
+        self._restoring.add(account)
+        try:
+            restored = await self._store.save(account, token.record)
+        finally:
+            self._restoring.discard(account)
+        if restored:
+            log.warning(
+                "token record restored to the store, which held an older one or none",
+                extra={"account": account, "version": token.record.version},
+            )
+        return restored
+
     async def _obtain_locked(
-        self, account: str, wanted: Wanted, lock: str
+        self,
+        account: str,
+        wanted: Wanted,
+        lock: str,
+        revoke: str | None,
+        forced_by: str | None,
     ) -> tuple[TokenRecord, Outcome]:
         state = self._states[account]
         state.refreshing = True
+        watchdog = asyncio.create_task(self._keep_lock(account, lock))
         try:
-            record = await self._store.load(account)  # re-check: someone may just have written
+            record = await self._current(account)  # re-check: someone may just have written
             if record is not None and wanted(record):
                 return record, Outcome.SHARED
             await self._renewer.check_rejected(account)
-            return await self._renewer.renew(account, record), Outcome.FETCHED
+            if forced_by is not None:
+                # Only now is it sure that the caller's request costs an upstream call.
+                await self._charge(account, forced_by)
+            revoked = (
+                revoke is not None
+                and record is not None
+                and record.access_token.get_secret_value() == revoke
+            )
+            renewed = await self._renewer.renew(account, record, lock=lock, revoke=revoked)
+            return renewed, Outcome.FETCHED
         finally:
+            watchdog.cancel()
             state.refreshing = False
             await self._release(account, lock)
+
+    async def _keep_lock(self, account: str, lock: str) -> None:
+        """The holder's watchdog: renew the lease while the renewal runs."""
+        lease = self._timing.lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                if not await self._store.extend_lock(account, lock, lease):
+                    # Lost (it expired, or the store restarted): fenced writes now fail, and
+                    # the spent refresh token is noted, so nothing is sent twice.
+                    log.warning(
+                        "lost the account's lock while renewing", extra={"account": account}
+                    )
+                    return
+            except StoreUnavailableError:
+                STORE_ERRORS.labels("extend_lock").inc()
 
     async def _lock(self, account: str, wanted: Wanted) -> str | TokenRecord:
         """Take the account's lock (its release token), or wait for the holder's record.

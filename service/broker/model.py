@@ -76,3 +76,12 @@ class InvalidRequestError(BrokerError):
 
     code = "invalid_request"
     status = 400
+
+
+class RenewalRateLimitedError(BrokerError):
+    """The caller already forced a renewal of this account within the interval: the current
+    token is still good by the broker's own rules, and renewing it again now would spend the
+    shared auth budget for one caller's sake."""
+
+    code = "renewal_rate_limited"
+    status = 429

@@ -13,8 +13,15 @@ from service.broker.model import CredentialsRejectedError, UpstreamUnavailableEr
 from service.broker.state import AccountState
 from service.claims import fingerprint
 from service.config import Account, RefreshSettings
-from service.metrics import CREDENTIALS_REJECTED, STORE_ERRORS
-from service.store import FailureRecord, StoreUnavailableError, TokenRecord, TokenStore
+from service.metrics import STORE_ERRORS
+from service.store import (
+    FailureRecord,
+    Spent,
+    StoreUnavailableError,
+    TokenRecord,
+    TokenStore,
+    credentials_fingerprint,
+)
 from service.upstream import MonogotoClient, TokenGrant, UpstreamError
 from service.upstream import errors as upstream_errors
 
@@ -22,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # What a caller is told to wait when Monogoto failed without saying for how long.
 UPSTREAM_RETRY_AFTER_SECONDS = 5.0
+# How long a spent refresh token is remembered when its own expiry is unknown.
+SPENT_MEMORY_SECONDS = 7 * 86400.0
 
 
 class Renewer:
@@ -40,20 +49,64 @@ class Renewer:
         self._store = store
         self._client = client
         self._states = states
+        self._credentials = {
+            name: credentials_fingerprint(account.username, account.password)
+            for name, account in accounts.items()
+        }
+        # Per account: fingerprints of the refresh tokens this process sent (or was about to),
+        # and until when to remember them. Kept here as well as in the store, because a store
+        # that goes back in time forgets them along with the records that spent them.
+        self._spent: dict[str, dict[str, float]] = {name: {} for name in accounts}
 
-    async def renew(self, account: str, current: TokenRecord | None) -> TokenRecord:
-        """A new record replacing `current`, written and published; raises BrokerError."""
+    def trusted(self, account: str, record: TokenRecord) -> TokenRecord:
+        """`record` without its refresh token if this process knows that token to be spent."""
+        refresh = record.refresh_token
+        spent = self._spent[account]
+        if refresh is None or not spent:
+            return record
+        now = time.time()
+        for key in [key for key, until in spent.items() if until <= now]:
+            del spent[key]
+        if fingerprint(refresh.get_secret_value()) in spent:
+            return replace(record, refresh_token=None)
+        return record
+
+    async def reseed(self) -> None:
+        """Write what this process knows back to a store that lost it: the refresh tokens it
+        spent and the credential rejections in force (with their remaining time)."""
+        now = time.time()
+        for account, spent in self._spent.items():
+            live = [Spent(key, until) for key, until in spent.items() if until > now]
+            if live:
+                await self._store.remember_spent(account, live)
+            state = self._states[account]
+            if state.rejected_until > now:
+                failure = FailureRecord(
+                    detail=state.last_error or "credentials rejected",
+                    retry_at=state.rejected_until,
+                    credentials=self._credentials[account],
+                )
+                await self._store.save_failure(account, failure)
+
+    async def renew(
+        self, account: str, current: TokenRecord | None, *, lock: str, revoke: bool = False
+    ) -> TokenRecord:
+        """A new record replacing `current`, written and published; raises BrokerError.
+
+        `lock` is the account's lock, held by the caller: the notes written before Monogoto is
+        called are fenced with it. With `revoke`, `current`'s access token is revoked first.
+        """
         state = self._states[account]
         offered = current.grant() if current else None
-        if current is not None and current.refresh_token is not None:
-            current, offered = await self._spend_ahead(account, current)
+        if current is not None and (current.refresh_token is not None or revoke):
+            current, offered = await self._note(account, current, lock, revoke=revoke)
         try:
             grant = await self._client.renew(self._accounts[account], offered)
         except UpstreamError as error:
             refresh_token = offered.refresh_token if offered else None
             if current is not None and refresh_token is not None and not error.refresh_token_spent:
                 # The refresh certainly never reached Monogoto: its token is still good.
-                await self._keep_refresh_token(account, current, refresh_token)
+                await self._keep_refresh_token(account, current, refresh_token, lock)
             raise await self._failed(account, error) from None
         local = state.token
         replaces = max(current.version if current else 0, local.record.version if local else 0)
@@ -65,14 +118,12 @@ class Renewer:
                 # Someone wrote a newer record while we worked (a lease outlived): prefer it.
                 newer = await self._store.load(account)
                 if newer is not None and newer.version > record.version:
-                    record = newer
+                    record = self.trusted(account, newer)
         except StoreUnavailableError:
             STORE_ERRORS.labels("save").inc()
             log.warning(
                 "token obtained but not stored: store unavailable", extra={"account": account}
             )
-        state.rejected_until = 0.0
-        CREDENTIALS_REJECTED.labels(account).set(0)
         log.info(
             "token obtained",
             extra={
@@ -86,11 +137,9 @@ class Renewer:
 
     async def check_rejected(self, account: str) -> None:
         """Raise while the account's credentials are known to be rejected, here or elsewhere."""
-        state = self._states[account]
         failure = await self._store.load_failure(account)
-        if failure is not None:
-            state.rejected(failure)
-            CREDENTIALS_REJECTED.labels(account).set(1)
+        if failure is not None and failure.applies_to(self._credentials[account]):
+            self._states[account].rejected(account, failure)
         self.raise_if_rejected(account)
 
     def raise_if_rejected(self, account: str) -> None:
@@ -124,9 +173,12 @@ class Renewer:
     ) -> CredentialsRejectedError:
         """Mark the account rejected, here and for every replica; the error to raise."""
         backoff = self._refresh.rejected_backoff_seconds
-        failure = FailureRecord(detail=error.detail, retry_at=time.time() + backoff)
-        self._states[account].rejected(failure)
-        CREDENTIALS_REJECTED.labels(account).set(1)
+        failure = FailureRecord(
+            detail=error.detail,
+            retry_at=time.time() + backoff,
+            credentials=self._credentials[account],
+        )
+        self._states[account].rejected(account, failure)
         log.error(
             "Monogoto rejected the account's credentials; not retrying for a while",
             extra={"account": account, "backoff_seconds": backoff},
@@ -139,35 +191,52 @@ class Renewer:
             "Monogoto rejected this account's credentials", retry_after=backoff
         )
 
-    async def _spend_ahead(
-        self, account: str, current: TokenRecord
+    async def _note(
+        self, account: str, current: TokenRecord, lock: str, *, revoke: bool
     ) -> tuple[TokenRecord, TokenGrant]:
-        """Store `current` without its refresh token before sending that token (DESIGN rule 7):
-        should this process die mid-refresh, whoever renews next logs in instead of sending a
-        token Monogoto may already have spent. The access token stays in use while valid.
+        """Store `current` without its refresh token (and, with `revoke`, with its access token
+        revoked) before calling Monogoto. The refresh token is noted as spent first (DESIGN rule
+        7): should this process die mid-refresh, whoever renews next logs in instead of sending
+        a token Monogoto may already have spent. The access token stays in use while valid,
+        unless revoked: then no replica serves it again, whether or not a new one comes.
 
+        The note is fenced with the lock: a holder whose lease ran out writes nothing.
         Returns the record now current and the grant to renew from; if the store did not take
-        the note, that grant has no refresh token either (only a login is safe then)."""
-        spent = replace(current, refresh_token=None, version=current.version + 1)
+        the note, that grant has no refresh token (only a login is safe then)."""
+        refresh = current.refresh_token
+        noted = replace(
+            current,
+            refresh_token=None,
+            revoked=current.revoked or revoke,
+            version=current.version + 1,
+        )
+        spends = None
+        if refresh is not None:
+            until = current.refresh_expires_at or time.time() + SPENT_MEMORY_SECONDS
+            spends = Spent(fingerprint(refresh.get_secret_value()), until)
         try:
-            saved = await self._store.save(account, spent)
+            saved = await self._store.save(account, noted, lock=lock, spends=spends)
         except StoreUnavailableError:
             STORE_ERRORS.labels("save").inc()
             saved = False
         if not saved:
-            return current, spent.grant()
-        self._states[account].adopt(account, spent)
-        return spent, current.grant()
+            return current, noted.grant()
+        if spends is not None:
+            self._spent[account][spends.fingerprint] = spends.until
+        self._states[account].adopt(account, noted)
+        return noted, current.grant()
 
     async def _keep_refresh_token(
-        self, account: str, spent: TokenRecord, refresh_token: SecretStr
+        self, account: str, spent: TokenRecord, refresh_token: SecretStr, lock: str
     ) -> None:
         """Put back a refresh token that was noted as spent but certainly never sent."""
+        key = fingerprint(refresh_token.get_secret_value())
         kept = replace(spent, refresh_token=refresh_token, version=spent.version + 1)
         try:
-            if not await self._store.save(account, kept):
-                return  # someone wrote a newer record meanwhile
+            if not await self._store.save(account, kept, lock=lock, spends=Spent(key, 0.0)):
+                return  # someone wrote a newer record meanwhile, or the lock was lost
         except StoreUnavailableError:
             STORE_ERRORS.labels("save").inc()
             return  # the next renewal logs in instead
+        self._spent[account].pop(key, None)
         self._states[account].adopt(account, kept)

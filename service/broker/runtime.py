@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 # Beyond the worst case of one renewal (a refresh, then a login, each fully retried).
 LEASE_MARGIN_SECONDS = 5.0
+# The lock's lease, renewed by its holder every third of it: a holder that dies holds the other
+# replicas up for at most this long.
+LOCK_LEASE_SECONDS = 9.0
 STOP_TIMEOUT_SECONDS = 10.0
 
 
@@ -43,11 +46,15 @@ def build_retry_policy(settings: Settings) -> RetryPolicy:
 
 
 def timing_for(settings: Settings, retry: RetryPolicy) -> Timing:
-    """Lock lease and wait deadline that outlive the slowest renewal any account can take."""
+    """A short lease (its holder renews it), and a wait for the holder that outlives the
+    slowest renewal any account can take (a refresh, then a login, each fully retried)."""
     slowest = max(account.timeout_seconds for account in settings.accounts_resolved().values())
-    lease = 2 * retry.worst_case_seconds(slowest) + LEASE_MARGIN_SECONDS
-    # Waiters outlast the lease, so they take over from a holder that died.
-    return Timing(lease_seconds=lease, wait_seconds=lease + slowest)
+    longest = 2 * retry.worst_case_seconds(slowest) + LEASE_MARGIN_SECONDS
+    return Timing(
+        lease_seconds=LOCK_LEASE_SECONDS,
+        wait_seconds=longest + LOCK_LEASE_SECONDS,
+        max_wait_seconds=settings.api.max_wait_seconds,
+    )
 
 
 def open_store(settings: Settings) -> TokenStore:
@@ -88,12 +95,14 @@ class BrokerRuntime:
         """Connect and start background tasks; raises if the store cannot be set up."""
         store = open_store(settings)
         retry = build_retry_policy(settings)
-        budget = AuthBudget(store, settings.upstream.auth_rate)
+        max_retry_after = settings.upstream.max_retry_after_seconds
+        budget = AuthBudget(store, settings.upstream.auth_rate, max_cool_down=max_retry_after)
         http = httpx.AsyncClient(follow_redirects=False)
         client = MonogotoClient(
             http,
             default_lifetime=settings.refresh.default_lifetime_seconds,
             retry=retry,
+            max_retry_after=max_retry_after,
             before_attempt=budget.before_attempt,
             on_rate_limited=budget.rate_limited,
         )

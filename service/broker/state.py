@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from service.broker.model import AccountStatus, AccountView, IssuedToken, Outcome
 from service.config import Dialect
-from service.metrics import TOKEN_EXPIRY
+from service.metrics import CREDENTIALS_REJECTED, TOKEN_EXPIRY
 from service.store import FailureRecord, TokenRecord
 
 
@@ -20,10 +20,13 @@ class LocalToken:
     record: TokenRecord
     access_token: str = field(repr=False)
     local: IssuedToken = field(init=False, repr=False, compare=False)
+    # Until when the token may be served: its expiry, 0 once revoked (read on the hot path).
+    good_until: float = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         # Built once: every local-cache hit hands out this same (immutable) object.
         object.__setattr__(self, "local", self._issued(Outcome.LOCAL))
+        object.__setattr__(self, "good_until", self.record.usable_until)
 
     @property
     def expires_at(self) -> float:
@@ -31,8 +34,8 @@ class LocalToken:
         return self.record.expires_at
 
     def usable(self, need: float) -> bool:
-        """Whether at least `need` seconds are left."""
-        return self.record.expires_at - time.time() >= need
+        """Whether it may be served with at least `need` seconds left (never once revoked)."""
+        return self.good_until - time.time() >= need
 
     def issue(self, outcome: Outcome) -> IssuedToken:
         """This token as handed to a caller."""
@@ -57,6 +60,9 @@ class AccountState:
     last_refresh_at: float | None = None
     last_error: str | None = None
     rejected_until: float = 0.0
+    # When this process learnt of the rejection in force: a grant obtained later, by any
+    # replica, ends it.
+    rejected_since: float = 0.0
     # Replaced by a fresh event on every change; waiters hold the one current when they looked.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -76,6 +82,9 @@ class AccountState:
                 # A new grant, by any replica: the account is healthy again.
                 self.last_refresh_at = record.obtained_at
                 self.last_error = None
+                if self.rejected_until and record.obtained_at > self.rejected_since:
+                    self.rejected_until = 0.0
+                    CREDENTIALS_REJECTED.labels(account).set(0)
             self.token = LocalToken(account, record, record.access_token.get_secret_value())
             TOKEN_EXPIRY.labels(account).set(record.expires_at)
             self.notify()
@@ -90,10 +99,14 @@ class AccountState:
         """A renewal by this process failed for a transient reason."""
         self.last_error = detail
 
-    def rejected(self, failure: FailureRecord) -> None:
+    def rejected(self, account: str, failure: FailureRecord) -> None:
         """Monogoto rejects the credentials until at least `failure.retry_at`."""
-        self.rejected_until = max(self.rejected_until, failure.retry_at)
+        if failure.retry_at > self.rejected_until:
+            if self.rejected_until <= time.time():
+                self.rejected_since = time.time()
+            self.rejected_until = failure.retry_at
         self.last_error = failure.detail
+        CREDENTIALS_REJECTED.labels(account).set(1)
 
     def status(self) -> AccountStatus:
         """The account's status for `/v1/accounts`."""

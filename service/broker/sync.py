@@ -2,8 +2,13 @@
 
 Two paths, because pub/sub messages are lost while a connection is down: a subscription that
 pulls a record as soon as another replica publishes it, and a poll of every account's version
-once a second that catches whatever the subscription missed. The poll also writes locally held
-records back to a store that lost them (a restarted Redis), so the fleet needs no new logins.
+once a second that catches whatever the subscription missed.
+
+The poll also trusts nothing the store says about the past: it writes locally held records back
+to a store that holds older ones or none (restarted, restored from an older snapshot, failed
+over), so the fleet needs no new logins and never goes back to a spent refresh token; and when
+the store's epoch changes, it re-seeds the spent refresh tokens and rejections this process
+knows of (the store holds the auth budget back by itself).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class StoreSync:
         # every second; a newer version is tried again.
         self._unreadable: dict[str, int] = {}
         self._stopped = False
+        self._epoch = ""
 
     def stop(self) -> None:
         """Make the background loops end at their next turn."""
@@ -49,21 +55,24 @@ class StoreSync:
             log.debug("cache updated from store", extra={"account": account})
 
     async def poll_once(self) -> None:
-        """Compare every account's stored version with ours; pull newer, push back lost ones."""
+        """Check the store's epoch, then compare every account's stored version with ours:
+        pull newer records, write back ours where the store's is older or gone."""
+        epoch = await self._store.epoch()
+        if self._epoch and epoch != self._epoch:
+            log.warning(
+                "token store restarted or failed over; restoring what this replica knows "
+                "and holding the auth budget back for one window"
+            )
+            await self._broker.reseed()
+        self._epoch = epoch
         stored = await self._store.versions(self._broker.names)
         self.store_ok = True
         for account, version in stored.items():
             state = self._broker.state(account)
             if version > state.version:
                 await self.pull(account, version)
-            elif (
-                # The store lost it (restarted empty): put it back instead of logging in again.
-                version == 0
-                and state.token is not None
-                and state.token.usable(1.0)
-                and await self._store.save(account, state.token.record)
-            ):
-                log.info("token record restored to the store", extra={"account": account})
+            elif version < state.version:
+                await self._broker.restore(account)
 
     async def poll_forever(self) -> None:
         """Run `poll_once` every second; a store outage is noted and waited out."""

@@ -81,6 +81,14 @@ class UpstreamSettings(_Section):
     max_retry_after_seconds: float = Field(300.0, gt=0, le=MAX_RETRY_AFTER_SECONDS)
 
 
+class ApiSettings(_Section):
+    """How the token API treats its callers."""
+
+    # No token request is held longer than this: then 503 with Retry-After, while the renewal
+    # it waited for goes on in the background.
+    max_wait_seconds: float = Field(10.0, gt=0, le=MAX_TIMEOUT_SECONDS)
+
+
 class RefreshSettings(_Section):
     """When tokens are renewed ahead of expiry."""
 

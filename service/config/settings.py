@@ -21,6 +21,7 @@ from service.config.models import (
     ALL_ACCOUNTS,
     Account,
     AccountSettings,
+    ApiSettings,
     CallerSettings,
     RefreshSettings,
     UpstreamSettings,
@@ -49,6 +50,7 @@ class Settings(BaseSettings):
     encryption_keys_file: Path | None = None
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     refresh: RefreshSettings = Field(default_factory=RefreshSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     accounts: dict[Name, AccountSettings] = Field(default_factory=dict, validate_default=True)
     callers: dict[Name, CallerSettings] = Field(default_factory=dict)
 

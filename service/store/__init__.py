@@ -1,8 +1,8 @@
 """Shared broker state: the Redis store and the in-process store behind one interface."""
 
-from service.store.base import Change, StoreUnavailableError, TokenStore
+from service.store.base import Change, Spent, StoreUnavailableError, TokenStore
 from service.store.memory import MemoryStore
-from service.store.records import FailureRecord, TokenRecord
+from service.store.records import FailureRecord, TokenRecord, credentials_fingerprint
 from service.store.redis import RedisStore
 
 __all__ = [
@@ -10,7 +10,9 @@ __all__ = [
     "FailureRecord",
     "MemoryStore",
     "RedisStore",
+    "Spent",
     "StoreUnavailableError",
     "TokenRecord",
     "TokenStore",
+    "credentials_fingerprint",
 ]

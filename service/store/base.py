@@ -22,6 +22,16 @@ class Change:
     version: int
 
 
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """A refresh token that was (or is about to be) sent: its fingerprint, and until when it
+    must be remembered (its own expiry, when known). `until` 0 takes a token back that was
+    noted as spent but certainly never sent."""
+
+    fingerprint: str
+    until: float
+
+
 class TokenStore(Protocol):
     """Shared state of all replicas: token records, locks, the auth budget, failure markers.
 
@@ -29,12 +39,26 @@ class TokenStore(Protocol):
     """
 
     async def load(self, account: str) -> TokenRecord | None:
-        """The account's current record (decrypted), or None if there is none."""
+        """The account's current record (decrypted), or None if there is none. A refresh token
+        remembered as spent is left out of the record."""
         ...
 
-    async def save(self, account: str, record: TokenRecord) -> bool:
+    async def save(
+        self,
+        account: str,
+        record: TokenRecord,
+        *,
+        lock: str | None = None,
+        spends: Spent | None = None,
+    ) -> bool:
         """Write `record` unless the stored one has an equal or higher version, expiring it with
-        the token, and publish the change; False if refused."""
+        the token, and publish the change; False if refused. With `lock` (a release token) the
+        write is fenced: refused unless that lock is still held with it. `spends` is remembered
+        as spent in the same step."""
+        ...
+
+    async def remember_spent(self, account: str, spent: Sequence[Spent]) -> None:
+        """Remember refresh tokens as spent (re-seeding a store that lost them)."""
         ...
 
     async def versions(self, accounts: Sequence[str]) -> dict[str, int]:
@@ -54,10 +78,27 @@ class TokenStore(Protocol):
         """Release the lock if `token` still holds it."""
         ...
 
-    async def take_budget(self, scope: str, limit: int, period_seconds: float) -> float:
+    async def extend_lock(self, account: str, token: str, lease_seconds: float) -> bool:
+        """Renew the lease of the lock `token` holds; False if it is no longer held with it."""
+        ...
+
+    async def take_budget(
+        self, scope: str, limit: int, period_seconds: float, *, reserve: int = 0
+    ) -> float:
         """Take one unit of the auth budget of `scope`: 0.0 when granted, else the seconds until
         a unit may be free (at most `limit` grants in any window of `period_seconds`, and none
-        during a cool-down)."""
+        during a cool-down). With `reserve`, a unit is granted only while more than `reserve`
+        are free: those are kept for more urgent renewals."""
+        ...
+
+    async def take_forced(self, account: str, caller: str, interval_seconds: float) -> float:
+        """Count a renewal of `account` that `caller` forces: 0.0 if allowed (at most one per
+        `interval_seconds`), else the seconds until it is."""
+        ...
+
+    async def epoch(self) -> str:
+        """An identifier that changes whenever the store may have lost or gone back on what it
+        held (a restart, a failover); the budget is held back for a window when it does."""
         ...
 
     async def cool_down(self, scope: str, seconds: float) -> None:

@@ -7,9 +7,14 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
-from service.store.base import Change
+from service.claims import fingerprint
+from service.store.base import Change, Spent
 from service.store.records import FailureRecord, TokenRecord
+
+# One process for the store's whole life: its epoch never changes.
+_EPOCH = "memory"
 
 
 class MemoryStore:
@@ -25,25 +30,44 @@ class MemoryStore:
         self._locks: dict[str, tuple[str, float]] = {}
         self._grants: dict[str, deque[float]] = {}
         self._cool_until: dict[str, float] = {}
+        self._spent: dict[str, dict[str, float]] = {}
+        self._forced: dict[tuple[str, str], float] = {}
         # None tells a subscriber that the store closed.
         self._subscribers: set[asyncio.Queue[Change | None]] = set()
 
     async def load(self, account: str) -> TokenRecord | None:
-        """The account's current record, or None if there is none or its token expired."""
+        """The account's current record, or None if there is none or its token expired; a
+        refresh token remembered as spent is left out."""
         record = self._records.get(account)
         if record is not None and record.expires_at <= time.time():
             del self._records[account]
             return None
+        if record is not None and record.refresh_token is not None:
+            spent = self._spent.get(account, {})
+            if spent.get(fingerprint(record.refresh_token.get_secret_value()), 0) > time.time():
+                return replace(record, refresh_token=None)
         return record
 
-    async def save(self, account: str, record: TokenRecord) -> bool:
-        """Keep `record` unless it is expired or a record of equal or higher version is kept."""
+    async def save(
+        self,
+        account: str,
+        record: TokenRecord,
+        *,
+        lock: str | None = None,
+        spends: Spent | None = None,
+    ) -> bool:
+        """Keep `record` unless it is expired, a record of equal or higher version is kept, or
+        `lock` is given and no longer held with it."""
+        if lock is not None and not self._holds(account, lock):
+            return False
         current = await self.load(account)
         if record.expires_at <= time.time() or (
             current is not None and current.version >= record.version
         ):
             return False
         self._records[account] = record
+        if spends is not None:
+            await self.remember_spent(account, [spends])
         change = Change(account=account, version=record.version)
         for queue in self._subscribers:
             queue.put_nowait(change)
@@ -55,6 +79,17 @@ class MemoryStore:
         return {
             account: 0 if record is None else record.version for account, record in found.items()
         }
+
+    async def remember_spent(self, account: str, spent: Sequence[Spent]) -> None:
+        """Remember refresh tokens as spent, each until its `until`."""
+        now = time.time()
+        kept = {fp: until for fp, until in self._spent.get(account, {}).items() if until > now}
+        for item in spent:
+            if item.until:
+                kept[item.fingerprint] = max(kept.get(item.fingerprint, 0.0), item.until)
+            else:
+                kept.pop(item.fingerprint, None)
+        self._spent[account] = kept
 
     async def changes(self) -> AsyncIterator[Change]:
         """Every save from now on, in order; ends when the store closes."""
@@ -78,12 +113,25 @@ class MemoryStore:
 
     async def release_lock(self, account: str, token: str) -> None:
         """Release the lock if `token` still holds it."""
-        held = self._locks.get(account)
-        if held is not None and held[0] == token:
+        if self._holds(account, token):
             del self._locks[account]
 
-    async def take_budget(self, scope: str, limit: int, period_seconds: float) -> float:
+    async def extend_lock(self, account: str, token: str, lease_seconds: float) -> bool:
+        """Renew the lease of the lock `token` holds; False if it is no longer held with it."""
+        if not self._holds(account, token):
+            return False
+        self._locks[account] = (token, time.monotonic() + lease_seconds)
+        return True
+
+    def _holds(self, account: str, token: str) -> bool:
+        held = self._locks.get(account)
+        return held is not None and held[0] == token and held[1] > time.monotonic()
+
+    async def take_budget(
+        self, scope: str, limit: int, period_seconds: float, *, reserve: int = 0
+    ) -> float:
         """0.0 if a unit of `scope`'s budget was granted, else the seconds to wait."""
+        limit -= reserve
         now = time.monotonic()
         cooling = self._cool_until.get(scope, 0.0) - now
         if cooling > 0:
@@ -102,6 +150,20 @@ class MemoryStore:
         """Grant no budget of `scope` for `seconds`, unless a longer cool-down is in force."""
         until = time.monotonic() + seconds
         self._cool_until[scope] = max(self._cool_until.get(scope, 0.0), until)
+
+    async def take_forced(self, account: str, caller: str, interval_seconds: float) -> float:
+        """0.0 if `caller` may force a renewal of `account` now (and it is counted), else the
+        seconds until it may."""
+        now = time.monotonic()
+        allowed_at = self._forced.get((account, caller), 0.0)
+        if allowed_at > now:
+            return allowed_at - now
+        self._forced[account, caller] = now + interval_seconds
+        return 0.0
+
+    async def epoch(self) -> str:
+        """Always the same: this store lives and dies with the process."""
+        return _EPOCH
 
     async def load_failure(self, account: str) -> FailureRecord | None:
         """The account's credentials-rejected marker, if one is in force."""

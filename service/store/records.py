@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,9 @@ class TokenRecord:
     `version` orders records: a write never replaces a record with an equal or higher version.
     Versions are millisecond timestamps bumped past the version they replace, so they keep
     increasing even after Redis loses its data.
+
+    `revoked` marks an access token a caller reported as rejected by Monogoto: no replica serves
+    it again, and replacing it is a renewal every replica sees as due.
     """
 
     version: int
@@ -27,11 +32,17 @@ class TokenRecord:
     obtained_at: float
     expires_at: float
     refresh_expires_at: float | None = None
+    revoked: bool = False
 
     @property
     def lifetime(self) -> float:
         """The access token's whole lifetime in seconds."""
         return self.expires_at - self.obtained_at
+
+    @property
+    def usable_until(self) -> float:
+        """Until when the access token may be served: its expiry, or 0 once it was revoked."""
+        return 0.0 if self.revoked else self.expires_at
 
     @classmethod
     def from_grant(cls, grant: TokenGrant, *, replaces: int, now: float) -> TokenRecord:
@@ -73,6 +84,7 @@ class TokenRecord:
                 "obtained_at": self.obtained_at,
                 "expires_at": self.expires_at,
                 "refresh_expires_at": self.refresh_expires_at,
+                "revoked": self.revoked,
             },
             separators=(",", ":"),
         ).encode()
@@ -92,6 +104,8 @@ class TokenRecord:
                 obtained_at=float(fields["obtained_at"]),
                 expires_at=float(fields["expires_at"]),
                 refresh_expires_at=None if refresh_until is None else float(refresh_until),
+                # Records written before revocation existed carry no such field.
+                revoked=fields.get("revoked") is True,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a token record ({type(error).__name__})") from None
@@ -99,20 +113,46 @@ class TokenRecord:
 
 @dataclass(frozen=True, slots=True)
 class FailureRecord:
-    """Monogoto rejected an account's credentials: no replica tries again before `retry_at`."""
+    """Monogoto rejected an account's credentials: no replica tries them again before
+    `retry_at`. `credentials` is a keyed fingerprint of the username and password that were
+    rejected (see `credentials_fingerprint`): a replica configured with other credentials is
+    not held back. A marker without one (written by an older broker) holds back everyone."""
 
     detail: str
     retry_at: float
+    credentials: str | None = None
+
+    def applies_to(self, credentials: str) -> bool:
+        """Whether this marker holds back a replica whose credentials have this fingerprint."""
+        return self.credentials is None or hmac.compare_digest(self.credentials, credentials)
 
     def to_bytes(self) -> bytes:
-        """Serialise (holds no secret)."""
-        return json.dumps({"detail": self.detail, "retry_at": self.retry_at}).encode()
+        """Serialise (holds no secret: the credentials only as a keyed fingerprint)."""
+        return json.dumps(
+            {"detail": self.detail, "retry_at": self.retry_at, "credentials": self.credentials}
+        ).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FailureRecord:
         """Inverse of `to_bytes`; ValueError if `data` is not such a record."""
         try:
             fields: dict[str, Any] = json.loads(data)
-            return cls(detail=str(fields["detail"]), retry_at=float(fields["retry_at"]))
+            credentials = fields.get("credentials")
+            return cls(
+                detail=str(fields["detail"]),
+                retry_at=float(fields["retry_at"]),
+                credentials=None if credentials is None else str(credentials),
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a failure record ({type(error).__name__})") from None
+
+
+# Fixed, public key: the fingerprint only has to tell credentials apart without showing them,
+# and the markers that carry it are themselves encrypted at rest in Redis.
+_CREDENTIALS_KEY = b"monogoto-broker/rejected-credentials/v1"
+
+
+def credentials_fingerprint(username: str, password: SecretStr) -> str:
+    """A keyed fingerprint (HMAC-SHA256, 128 bits) of a username and password."""
+    message = username.encode() + b"\0" + password.get_secret_value().encode()
+    return hmac.new(_CREDENTIALS_KEY, message, hashlib.sha256).hexdigest()[:32]

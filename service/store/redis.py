@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio
@@ -14,11 +16,20 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from service.claims import fingerprint
 from service.crypto import EnvelopeError, TokenCipher
-from service.store.base import Change, StoreUnavailableError
+from service.store.base import Change, Spent, StoreUnavailableError
 from service.store.changes import ChangeFeed, honour_lost_cancellation, notice
 from service.store.records import FailureRecord, TokenRecord
-from service.store.scripts import COOL_DOWN, RELEASE_LOCK, SAVE_RECORD, TAKE_BUDGET
+from service.store.scripts import (
+    COOL_DOWN,
+    EXTEND_LOCK,
+    RELEASE_LOCK,
+    REMEMBER_SPENT,
+    SAVE_RECORD,
+    TAKE_BUDGET,
+    TAKE_FORCED,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +55,19 @@ def _milliseconds_until(deadline: float) -> int:
     return max(1, int(remaining * 1000)) if remaining > 0 else 0
 
 
+def _epoch_ms(moment: float) -> int:
+    return int(moment * 1000)
+
+
+def _version_context(version: int) -> bytes:
+    # A record's envelope is bound to its version: an envelope moved under another version
+    # (a stale one written back, the version field edited) does not open.
+    return b"v%d" % version
+
+
+_FAILURE_CONTEXT = b"failure"
+
+
 class RedisStore:
     """`TokenStore` on Redis, shared by every replica; token records are stored encrypted."""
 
@@ -63,7 +87,18 @@ class RedisStore:
         self._release = client.register_script(RELEASE_LOCK)
         self._take_budget = client.register_script(TAKE_BUDGET)
         self._cool_down = client.register_script(COOL_DOWN)
+        self._extend = client.register_script(EXTEND_LOCK)
+        self._remember_spent = client.register_script(REMEMBER_SPENT)
+        self._take_forced = client.register_script(TAKE_FORCED)
         self._feed = ChangeFeed(client, self._channel, idle_ping_seconds=idle_ping_seconds)
+        # The store's epoch (the server's run id) as the budget scripts last confirmed it, and
+        # as the last `epoch()` saw it; see scripts._EPOCH_CHECK.
+        self._budget_epoch = ""
+        self._seen_epoch = ""
+        # Per budget scope: its window (ms), and until when (monotonic) this process knows a
+        # cool-down to be in force; both are held again when the store's epoch changes.
+        self._windows: dict[str, int] = {}
+        self._cool_until: dict[str, float] = {}
 
     @classmethod
     def from_url(
@@ -89,13 +124,17 @@ class RedisStore:
         return f"{self._prefix}:{{budget:{scope}}}:{kind}"
 
     async def load(self, account: str) -> TokenRecord | None:
-        """The account's current record, or None if there is none or it does not decrypt."""
+        """The account's current record, or None if there is none or it does not decrypt; a
+        refresh token remembered as spent is left out of it."""
+        pipeline = self._client.pipeline(transaction=False)
+        pipeline.hmget(self._key(account, "token"), ["v", "e"])
+        pipeline.zrangebyscore(self._key(account, "spent"), _epoch_ms(time.time()), "+inf")
         with _unavailable_on_error("while loading a token record"):
-            envelope = await self._client.hget(self._key(account, "token"), "e")
+            (version, envelope), spent = await pipeline.execute()
         if not isinstance(envelope, bytes):
             return None
         try:
-            return TokenRecord.from_bytes(self._cipher.open(account, envelope))
+            record = self._open_record(account, _as_version(version), envelope)
         except (EnvelopeError, ValueError) as error:
             # Unreadable (rotated-out key, tampering): the broker will obtain a new token.
             log.warning(
@@ -103,13 +142,37 @@ class RedisStore:
                 extra={"account": account, "reason": str(error)},
             )
             return None
+        refresh = record.refresh_token
+        if refresh is not None and fingerprint(refresh.get_secret_value()).encode() in spent:
+            return replace(record, refresh_token=None)
+        return record
 
-    async def save(self, account: str, record: TokenRecord) -> bool:
-        """Write `record` unless a record of equal or higher version is stored; publish it."""
+    def _open_record(self, account: str, version: int, envelope: bytes) -> TokenRecord:
+        try:
+            return TokenRecord.from_bytes(
+                self._cipher.open(account, envelope, _version_context(version))
+            )
+        except EnvelopeError:
+            # Sealed before envelopes were bound to versions: the sealed version must match.
+            record = TokenRecord.from_bytes(self._cipher.open(account, envelope))
+            if record.version != version:
+                raise EnvelopeError("envelope is stored under another version") from None
+            return record
+
+    async def save(
+        self,
+        account: str,
+        record: TokenRecord,
+        *,
+        lock: str | None = None,
+        spends: Spent | None = None,
+    ) -> bool:
+        """Write `record` unless a record of equal or higher version is stored, or `lock` is
+        given and no longer held with it; publish it. `spends` is remembered with it."""
         lifetime_ms = _milliseconds_until(record.expires_at)
         if not lifetime_ms:
             return False
-        envelope = self._cipher.seal(account, record.to_bytes())
+        envelope = self._cipher.seal(account, record.to_bytes(), _version_context(record.version))
         change = notice(account, record.version)
         args: list[bytes | str | int] = [
             record.version,
@@ -117,10 +180,30 @@ class RedisStore:
             lifetime_ms,
             self._channel,
             change,
+            lock or "",
+            spends.fingerprint if spends else "",
+            _epoch_ms(spends.until) if spends else 0,  # 0 with a fingerprint: forget it
+            _epoch_ms(time.time()),
+        ]
+        keys = [
+            self._key(account, "token"),
+            self._key(account, "spent"),
+            self._key(account, "lock"),
         ]
         with _unavailable_on_error("while saving a token record"):
-            written = await self._save(keys=[self._key(account, "token")], args=args)
-        return bool(written)
+            written = await self._save(keys=keys, args=args)
+        return int(written) == 1
+
+    async def remember_spent(self, account: str, spent: Sequence[Spent]) -> None:
+        """Remember refresh tokens as spent, each until its `until`."""
+        live = [item for item in spent if item.until > time.time()]
+        if not live:
+            return
+        args: list[str | int] = [_epoch_ms(time.time())]
+        for item in live:
+            args += [_epoch_ms(item.until), item.fingerprint]
+        with _unavailable_on_error("while remembering spent refresh tokens"):
+            await self._remember_spent(keys=[self._key(account, "spent")], args=args)
 
     async def versions(self, accounts: Sequence[str]) -> dict[str, int]:
         """The stored version per account, 0 where there is none (one round trip)."""
@@ -150,14 +233,42 @@ class RedisStore:
         with _unavailable_on_error("while releasing a lock"):
             await self._release(keys=[self._key(account, "lock")], args=[token])
 
-    async def take_budget(self, scope: str, limit: int, period_seconds: float) -> float:
+    async def extend_lock(self, account: str, token: str, lease_seconds: float) -> bool:
+        """Renew the lease of the lock `token` holds; False if it is no longer held with it."""
+        lease_ms = max(1, int(lease_seconds * 1000))
+        with _unavailable_on_error("while extending a lock"):
+            extended = await self._extend(keys=[self._key(account, "lock")], args=[token, lease_ms])
+        return bool(extended)
+
+    def _budget_keys(self, scope: str) -> list[str]:
+        return [
+            self._budget_key(scope, "log"),
+            self._budget_key(scope, "cooldown"),
+            self._budget_key(scope, "epoch"),
+        ]
+
+    def _hold_ms(self, scope: str) -> int:
+        """How long to hold `scope`'s grants back when the store's epoch changes: a window,
+        or longer if this process knows of a longer cool-down."""
+        cooling = self._cool_until.get(scope, 0.0) - time.monotonic()
+        return max(self._windows.get(scope, 1), int(cooling * 1000))
+
+    async def take_budget(
+        self, scope: str, limit: int, period_seconds: float, *, reserve: int = 0
+    ) -> float:
         """0.0 if a unit of `scope`'s budget was granted, else the seconds to wait."""
-        keys = [self._budget_key(scope, "log"), self._budget_key(scope, "cooldown")]
-        period_ms = max(1, int(period_seconds * 1000))
+        self._windows[scope] = max(1, int(period_seconds * 1000))
+        args: list[str | int] = [
+            limit,
+            self._windows[scope],
+            secrets.token_hex(8),
+            reserve,
+            self._budget_epoch,
+            self._hold_ms(scope),
+        ]
         with _unavailable_on_error("while taking auth budget"):
-            wait_ms = await self._take_budget(
-                keys=keys, args=[limit, period_ms, secrets.token_hex(8)]
-            )
+            wait_ms, epoch = await self._take_budget(keys=self._budget_keys(scope), args=args)
+        self._budget_epoch = epoch.decode()
         return int(wait_ms) / 1000
 
     async def cool_down(self, scope: str, seconds: float) -> None:
@@ -165,8 +276,40 @@ class RedisStore:
         cool_ms = int(seconds * 1000)
         if cool_ms <= 0:
             return
+        until = time.monotonic() + seconds
+        self._cool_until[scope] = max(self._cool_until.get(scope, 0.0), until)
+        await self._run_cool_down(scope, cool_ms)
+
+    async def _run_cool_down(self, scope: str, cool_ms: int) -> None:
+        args: list[str | int] = [cool_ms, self._budget_epoch, self._hold_ms(scope)]
         with _unavailable_on_error("while setting a cool-down"):
-            await self._cool_down(keys=[self._budget_key(scope, "cooldown")], args=[cool_ms])
+            epoch = await self._cool_down(keys=self._budget_keys(scope), args=args)
+        self._budget_epoch = epoch.decode()
+
+    async def epoch(self) -> str:
+        """The store's epoch: the Redis server's run id, new after every restart or failover.
+
+        When it differs from the one seen last, the budget of every scope this process has
+        used is held back at once (see scripts._EPOCH_CHECK), not only at the next grant.
+        """
+        with _unavailable_on_error("while reading the store's epoch"):
+            info = await self._client.info("server")
+        epoch = str(info.get("run_id", ""))
+        self._budget_epoch = self._budget_epoch or epoch
+        if self._seen_epoch and epoch != self._seen_epoch:
+            for scope in list(self._windows):
+                await self._run_cool_down(scope, 0)
+        self._seen_epoch = epoch
+        return epoch
+
+    async def take_forced(self, account: str, caller: str, interval_seconds: float) -> float:
+        """0.0 if `caller` may force a renewal of `account` now (and it is counted), else the
+        seconds until it may."""
+        interval_ms = max(1, int(interval_seconds * 1000))
+        key = self._key(account, f"forced:{caller}")
+        with _unavailable_on_error("while counting a forced renewal"):
+            wait_ms = await self._take_forced(keys=[key], args=[interval_ms])
+        return int(wait_ms) / 1000
 
     async def load_failure(self, account: str) -> FailureRecord | None:
         """The account's credentials-rejected marker, if one is in force."""
@@ -175,6 +318,9 @@ class RedisStore:
         if not isinstance(data, bytes):
             return None
         try:
+            # A marker written in the clear (by an older broker) is read as it is.
+            with contextlib.suppress(EnvelopeError):
+                data = self._cipher.open(account, data, _FAILURE_CONTEXT)
             return FailureRecord.from_bytes(data)
         except ValueError as error:
             log.warning(
@@ -188,8 +334,9 @@ class RedisStore:
         until_ms = _milliseconds_until(failure.retry_at)
         if not until_ms:
             return
+        sealed = self._cipher.seal(account, failure.to_bytes(), _FAILURE_CONTEXT)
         with _unavailable_on_error("while saving a failure marker"):
-            await self._client.set(self._key(account, "failure"), failure.to_bytes(), px=until_ms)
+            await self._client.set(self._key(account, "failure"), sealed, px=until_ms)
 
     async def clear_failure(self, account: str) -> None:
         """Forget the account's credentials-rejected marker."""

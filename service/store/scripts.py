@@ -1,16 +1,47 @@
-"""The Lua scripts of the Redis store: each runs atomically on the Redis server."""
+"""The Lua scripts of the Redis store: each runs atomically on the Redis server, and touches
+only keys of one hash slot (every key of a call shares one hash tag)."""
 
 # Compare-and-set of a token record, its expiry and the change notice in one atomic step, so
 # no replica can overwrite a newer record or miss publishing what it wrote (DESIGN rule 3).
+# KEYS: record, spent refresh tokens, lock. ARGV: version, envelope, TTL ms, channel, notice,
+# lock token ('' = not fenced), fingerprint of a refresh token spent by this write ('' = none),
+# until when to remember it (epoch ms; 0 = forget it: it was put back unsent), now (epoch ms).
+# Returns 1 when written, 0 when a record of equal or higher version is stored, -1 when the
+# write is fenced and the lock is no longer the writer's.
 SAVE_RECORD = """
+if ARGV[6] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[6] then
+    return -1
+end
 local stored = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if stored >= tonumber(ARGV[1]) then
     return 0
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'e', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[7] ~= '' and ARGV[8] == '0' then
+    redis.call('ZREM', KEYS[2], ARGV[7])
+elseif ARGV[7] ~= '' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[9])
+    redis.call('ZADD', KEYS[2], 'GT', ARGV[8], ARGV[7])
+    local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+    redis.call('PEXPIREAT', KEYS[2], last[2])
+end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
+"""
+
+# Remember refresh tokens as spent (a replica re-seeding a store that lost them).
+# KEYS: spent refresh tokens. ARGV: now (epoch ms), then pairs of until (epoch ms), fingerprint.
+REMEMBER_SPENT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+for index = 2, #ARGV, 2 do
+    redis.call('ZADD', KEYS[1], 'GT', ARGV[index], ARGV[index + 1])
+end
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if last[2] then
+    redis.call('PEXPIREAT', KEYS[1], last[2])
+end
+return 0
 """
 
 RELEASE_LOCK = """
@@ -20,16 +51,52 @@ end
 return 0
 """
 
+# The holder's watchdog: lengthen the lease only while the lock is still its own.
+EXTEND_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# The epoch check shared by the budget scripts. The store's epoch is the Redis server's run
+# id, which changes whenever the data may have gone back in time: a restart (empty, or from an
+# older snapshot or backup) or a failover to another node. The budget log and cool-down of a
+# new epoch cannot be trusted, so the first caller to see one holds every grant back for
+# ARGV[hold] ms, after which every grant of the old epoch is older than a window.
+# A caller that never saw an epoch (a replica just started, against a store that has none
+# recorded) cannot tell a first start from a store restarted empty, and holds nothing back.
+# KEYS[2] is the cool-down, KEYS[3] the epoch key; sets `epoch` (the run id) for the caller.
+_EPOCH_CHECK = """
+local info = redis.call('INFO', 'server')
+local epoch = string.match(info, 'run_id:(%x+)') or ''
+local recorded = redis.call('GET', KEYS[3])
+if recorded ~= epoch then
+    redis.call('SET', KEYS[3], epoch)
+    local known = ARGV[EPOCH_ARG]
+    if recorded or (known ~= '' and known ~= epoch) then
+        local hold = tonumber(ARGV[EPOCH_ARG + 1])
+        if redis.call('PTTL', KEYS[2]) < hold then
+            redis.call('SET', KEYS[2], 'epoch', 'PX', hold)
+        end
+    end
+end
+"""
+
 # A strict sliding log on Redis's own clock, so replicas with skewed clocks share one window
-# (DESIGN rule 4). Returns 0 when granted, else the milliseconds to wait.
-TAKE_BUDGET = """
+# (DESIGN rule 4). KEYS: log, cool-down, epoch. ARGV: limit, period ms, unique suffix, units
+# held in reserve (a grant needs more than this many free), the caller's last known epoch,
+# the hold-back in ms for a new epoch. Returns {wait ms (0 when granted), epoch}.
+TAKE_BUDGET = (
+    _EPOCH_CHECK.replace("EPOCH_ARG", "5")
+    + """
 local cooling = redis.call('PTTL', KEYS[2])
 if cooling > 0 then
-    return cooling
+    return {cooling, epoch}
 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local limit = tonumber(ARGV[1])
+local limit = tonumber(ARGV[1]) - tonumber(ARGV[4])
 local period = tonumber(ARGV[2])
 -- A grant exactly one period old still counts: the window is closed at both ends.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%d', now - period))
@@ -37,16 +104,32 @@ local count = redis.call('ZCARD', KEYS[1])
 if count < limit then
     redis.call('ZADD', KEYS[1], now, string.format('%d-%s', now, ARGV[3]))
     redis.call('PEXPIRE', KEYS[1], period)
-    return 0
+    return {0, epoch}
 end
 -- The limit may have been lowered below the log's length: wait until enough grants leave.
 local frees = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
-return math.max(1, tonumber(frees[2]) + period - now)
+return {math.max(1, tonumber(frees[2]) + period - now), epoch}
 """
+)
 
-COOL_DOWN = """
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-    redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+# KEYS: log (unused), cool-down, epoch. ARGV: cool-down ms (0: only check the epoch), the
+# caller's last known epoch, the hold-back in ms for a new epoch. Returns the epoch.
+COOL_DOWN = (
+    _EPOCH_CHECK.replace("EPOCH_ARG", "2")
+    + """
+local cool = tonumber(ARGV[1])
+if cool > 0 and redis.call('PTTL', KEYS[2]) < cool then
+    redis.call('SET', KEYS[2], '1', 'PX', cool)
 end
-return 0
+return epoch
+"""
+)
+
+# A caller may force one renewal of an account per interval. KEYS: the caller's marker for the
+# account. ARGV: interval ms. Returns 0 when allowed, else the ms until it is.
+TAKE_FORCED = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+    return 0
+end
+return math.max(1, redis.call('PTTL', KEYS[1]))
 """

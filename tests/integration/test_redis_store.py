@@ -169,6 +169,7 @@ async def test_tokens_are_stored_encrypted_under_hash_tagged_keys(
         b"mgb-test:{fleet-eu}:failure",
         b"mgb-test:{budget:https://api.example}:log",
         b"mgb-test:{budget:https://api.example}:cooldown",
+        b"mgb-test:{budget:https://api.example}:epoch",
     }
     stored = await raw.hgetall("mgb-test:{fleet-eu}:token")
     assert stored[b"v"] == b"42"

@@ -30,21 +30,24 @@ def settings(**upstream: Any) -> Any:
     )
 
 
-def test_default_lease_outlives_a_refresh_and_a_login_fully_retried() -> None:
-    """With the defaults (10 s timeout, 30 s of retries) the lease is 85 s, the wait 95 s."""
+def test_default_lease_is_short_and_the_wait_outlives_a_renewal_fully_retried() -> None:
+    """With the defaults (10 s timeout, 30 s of retries) the lease is 9 s (its holder renews
+    it), replicas wait up to 85 s (a refresh and a login, fully retried) plus a lease for a
+    live holder, and no caller waits more than api.max_wait_seconds (10 s)."""
     loaded = settings()
     timing = timing_for(loaded, build_retry_policy(loaded))
-    assert (timing.lease_seconds, timing.wait_seconds) == (85.0, 95.0)
+    assert (timing.lease_seconds, timing.wait_seconds) == (9.0, 94.0)
+    assert timing.max_wait_seconds == 10.0
 
 
-def test_shorter_retry_bounds_shorten_the_lease() -> None:
-    """An operator who bounds retries more tightly gets a shorter lease, so a replica that dies
-    mid-login holds the others back for less time."""
+def test_shorter_retry_bounds_shorten_the_wait_not_the_lease() -> None:
+    """Tighter retry bounds shorten how long replicas wait for a live holder; the lease, which
+    bounds how long a dead one holds them up, stays short either way."""
     loaded = settings(timeout_seconds=2, retry={"max_attempts": 2, "max_elapsed_seconds": 3})
     policy = build_retry_policy(loaded)
     assert (policy.max_attempts, policy.max_elapsed_seconds) == (2, 3.0)
     timing = timing_for(loaded, policy)
-    assert (timing.lease_seconds, timing.wait_seconds) == (15.0, 17.0)
+    assert (timing.lease_seconds, timing.wait_seconds) == (9.0, 24.0)
 
 
 @pytest.mark.parametrize(
