@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -21,80 +19,14 @@ from service.broker import (
     Outcome,
     UpstreamUnavailableError,
 )
-from service.broker.runtime import BrokerRuntime
 from service.claims import read_claims
-from service.config import build_settings
-from service.keys import new_encryption_key
 from service.simulator.client import SimulatorControl
 from service.store import TokenRecord
+from tests.integration.conftest import StartReplicas, logins
 from tests.support import eventually
 
 if TYPE_CHECKING:
     from tests.conftest import RedisServer
-
-StartReplicas = Callable[..., Coroutine[Any, Any, list[BrokerRuntime]]]
-
-ENCRYPTION_KEYS = new_encryption_key()
-
-
-def broker_config(
-    redis_url: str,
-    simulator_url: str,
-    users: dict[str, str],
-    *,
-    accounts: int = 1,
-    dialect: str = "v1",
-    limit: int = 100,
-    period: float = 60.0,
-    password: str | None = None,
-    **refresh: float,
-) -> dict[str, Any]:
-    """A config with `accounts` accounts `acct-0`... logging in as the simulator's users
-    (with `password` instead of theirs if given)."""
-    names = sorted(users)
-    return {
-        "redis_url": redis_url,
-        "encryption_keys": ENCRYPTION_KEYS,
-        "upstream": {
-            "dialect": dialect,
-            "base_url": simulator_url,
-            "timeout_seconds": 5,
-            "auth_rate": {"limit": limit, "period_seconds": period},
-        },
-        "refresh": {"fraction": 0.75, "min_remaining_seconds": 1, **refresh},
-        "accounts": {
-            f"acct-{index}": {
-                "username": names[index % len(names)],
-                "password": password or users[names[index % len(names)]],
-            }
-            for index in range(accounts)
-        },
-    }
-
-
-@pytest.fixture
-async def start_replicas(
-    redis_url: str, simulator_url: str, simulator_users: dict[str, str]
-) -> AsyncIterator[StartReplicas]:
-    """A function starting `count` broker runtimes on the test's Redis; stopped after the test."""
-    async with AsyncExitStack() as stack:
-
-        async def start(count: int = 1, **options: Any) -> list[BrokerRuntime]:
-            config = broker_config(redis_url, simulator_url, simulator_users, **options)
-            settings = build_settings(config)
-            runtimes = []
-            for _ in range(count):
-                runtime = await BrokerRuntime.start(settings)
-                stack.push_async_callback(runtime.stop)
-                runtimes.append(runtime)
-            return runtimes
-
-        yield start
-
-
-def logins(simulator: SimulatorControl) -> int:
-    """Successful v1 logins and refreshes the simulator has answered."""
-    return simulator.calls("v1_token", "ok") + simulator.calls("v1_refresh", "ok")
 
 
 async def test_lifetime_and_redis_ttl_come_from_the_token_claims(

@@ -364,3 +364,135 @@ async def test_a_failed_command_is_not_retried_by_the_client() -> None:
         server.close()
         await server.wait_closed()
     assert attempts == 1
+
+
+async def test_an_envelope_moved_under_another_version_does_not_open(
+    store: RedisStore, raw: redis.asyncio.Redis
+) -> None:
+    """The version is bound into the envelope: raising a record's version field (to make an
+    old record win the compare-and-set) leaves no readable record."""
+    assert await store.save("fleet-eu", record(1))
+    await raw.hset("mgb-test:{fleet-eu}:token", "v", 7)
+    assert await store.load("fleet-eu") is None
+
+
+async def test_envelopes_sealed_before_versions_were_bound_still_open(
+    store: RedisStore, raw: redis.asyncio.Redis
+) -> None:
+    """A record an older broker sealed without its version opens while the version it holds
+    matches the stored one, and not under any other."""
+    old = record(3)
+    envelope = CIPHER.seal("fleet-eu", old.to_bytes())
+    await raw.hset("mgb-test:{fleet-eu}:token", mapping={"v": 3, "e": envelope})
+    assert await store.load("fleet-eu") == old
+    await raw.hset("mgb-test:{fleet-eu}:token", "v", 4)
+    assert await store.load("fleet-eu") is None
+
+
+async def test_failure_markers_are_encrypted_and_older_clear_ones_still_read(
+    store: RedisStore, raw: redis.asyncio.Redis
+) -> None:
+    """A rejection marker (with its credentials fingerprint) is not readable in Redis; one an
+    older broker wrote in the clear is still honoured."""
+    failure = FailureRecord(detail="rejected (401)", retry_at=time.time() + 60, credentials="ab12")
+    await store.save_failure("fleet-eu", failure)
+    stored = await raw.get("mgb-test:{fleet-eu}:failure")
+    assert stored is not None
+    assert b"ab12" not in stored
+    assert b"rejected" not in stored
+    assert await store.load_failure("fleet-eu") == failure
+
+    clear = FailureRecord(detail="rejected (404)", retry_at=time.time() + 60)
+    await raw.set("mgb-test:{fleet-us}:failure", clear.to_bytes())
+    assert await store.load_failure("fleet-us") == clear
+
+
+async def _until_answering(store: RedisStore) -> None:
+    async def answers() -> bool:
+        try:
+            await store.ping()
+        except StoreUnavailableError:
+            return False
+        return True
+
+    await eventually(answers)
+
+
+WINDOW = 1.5
+
+
+async def test_a_restarted_store_holds_the_budget_back_for_a_window(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """Redis restarted empty forgets the budget log; a replica that took budget before holds
+    every grant back for one window, so no second window's budget is spent."""
+    for _ in range(3):
+        assert await store.take_budget("scope", 3, WINDOW) == 0.0
+    redis_server.kill()
+    redis_server.start()
+    await _until_answering(store)
+    wait = await store.take_budget("scope", 3, WINDOW)
+    assert 0.5 * WINDOW < wait <= WINDOW
+
+    async def granted() -> bool:
+        return await store.take_budget("scope", 3, WINDOW) == 0.0
+
+    await eventually(granted)
+
+
+async def test_a_poll_that_sees_a_new_epoch_holds_back_every_replica(
+    store: RedisStore, redis_url: str, redis_server: RedisServer
+) -> None:
+    """The epoch check of the store sync holds the budget back at once, so even a replica that
+    never saw the old store (just started) gets no unit during that window."""
+    first_epoch = await store.epoch()
+    assert await store.take_budget("scope", 3, WINDOW) == 0.0
+    redis_server.kill()
+    redis_server.start()
+    await _until_answering(store)
+    assert await store.epoch() != first_epoch
+    newcomer = RedisStore.from_url(redis_url, prefix=PREFIX, cipher=CIPHER)
+    try:
+        assert await newcomer.take_budget("scope", 3, WINDOW) > 0.0
+    finally:
+        await newcomer.close()
+
+
+async def test_a_first_start_holds_nothing_back(store: RedisStore) -> None:
+    """A store that never recorded an epoch, asked by a replica that never saw one, grants at
+    once: a new deployment does not wait a window for its first login."""
+    assert await store.epoch()
+    assert await store.take_budget("scope", 3, 60.0) == 0.0
+
+
+async def save_snapshot(url: str) -> None:
+    """SAVE through a new connection (the old ones died with the server)."""
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        await client.save()
+    finally:
+        await client.aclose()
+
+
+async def test_a_store_restored_from_an_older_snapshot_holds_back_a_new_replica(
+    store: RedisStore, raw: redis.asyncio.Redis, redis_url: str, redis_server: RedisServer
+) -> None:
+    """A snapshot carries the epoch of the server that wrote it: restored into a new server,
+    it tells even a replica that never saw the old one that the budget log went back in time."""
+    assert await store.take_budget("scope", 3, WINDOW) == 0.0
+    await raw.save()
+    try:
+        for _ in range(2):
+            assert await store.take_budget("scope", 3, WINDOW) == 0.0
+        redis_server.kill()
+        redis_server.start()  # loads the snapshot: one grant of three
+        newcomer = RedisStore.from_url(redis_url, prefix=PREFIX, cipher=CIPHER)
+        try:
+            await _until_answering(newcomer)
+            assert await newcomer.take_budget("scope", 3, WINDOW) > 0.0
+        finally:
+            await newcomer.close()
+    finally:
+        # Later restarts of the session's server must start empty again.
+        redis_server.flush()
+        await save_snapshot(redis_url)

@@ -12,10 +12,12 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import pytest
 from pydantic import SecretStr
 
+from service.claims import fingerprint
 from service.crypto import TokenCipher
 from service.keys import EncryptionKey
 from service.store import (
@@ -23,6 +25,7 @@ from service.store import (
     FailureRecord,
     MemoryStore,
     RedisStore,
+    Spent,
     TokenRecord,
     TokenStore,
 )
@@ -327,3 +330,104 @@ async def test_failure_marker_expires_at_its_retry_time(store: TokenStore) -> No
 async def test_ping_answers(store: TokenStore) -> None:
     """A reachable store answers a ping."""
     await store.ping()
+
+
+async def test_a_spent_refresh_token_is_left_out_of_every_load(new_replica: NewReplica) -> None:
+    """Once a write notes a refresh token as spent, no replica loads a record carrying it, even
+    one written back later (a store gone back in time), until the token is taken back."""
+    first, second = new_replica(), new_replica()
+    stale = record(1)
+    assert stale.refresh_token is not None
+    spent = Spent(fingerprint(stale.refresh_token.get_secret_value()), time.time() + 60)
+    noted = replace(stale, version=2, refresh_token=None)
+    assert await first.save("fleet-eu", noted, spends=spent)
+    # The older record comes back with the spent token (a restored snapshot, say).
+    assert await second.save("fleet-eu", replace(stale, version=3))
+    loaded = await second.load("fleet-eu")
+    assert loaded is not None
+    assert loaded.version == 3
+    assert loaded.refresh_token is None
+    # Taken back: it was never sent after all.
+    assert await first.save("fleet-eu", replace(stale, version=4), spends=replace(spent, until=0))
+    again = await second.load("fleet-eu")
+    assert again is not None
+    assert again.refresh_token == stale.refresh_token
+
+
+async def test_remembered_spent_tokens_outlive_nothing_but_their_expiry(store: TokenStore) -> None:
+    """Spent fingerprints re-seeded into a store apply to loads until each one's `until`."""
+    stale = record(1)
+    assert stale.refresh_token is not None
+    key = fingerprint(stale.refresh_token.get_secret_value())
+    await store.remember_spent("fleet-eu", [Spent(key, time.time() + 0.4)])
+    assert await store.save("fleet-eu", stale)
+    loaded = await store.load("fleet-eu")
+    assert loaded is not None
+    assert loaded.refresh_token is None
+
+    async def usable_again() -> bool:
+        found = await store.load("fleet-eu")
+        return found is not None and found.refresh_token is not None
+
+    await eventually(usable_again)
+
+
+async def test_a_fenced_write_needs_the_lock_still_held(new_replica: NewReplica) -> None:
+    """A write fenced with a lock is refused once that lock expired or went to someone else."""
+    first, second = new_replica(), new_replica()
+    lock = await first.acquire_lock("fleet-eu", 0.3)
+    assert lock is not None
+    assert await first.save("fleet-eu", record(1), lock=lock)
+
+    async def taken_over() -> bool:
+        return await second.acquire_lock("fleet-eu", 30.0) is not None
+
+    await eventually(taken_over)
+    assert not await first.save("fleet-eu", record(2), lock=lock)
+    assert not await first.extend_lock("fleet-eu", lock, 30.0)
+    loaded = await second.load("fleet-eu")
+    assert loaded is not None
+    assert loaded.version == 1
+
+
+async def test_the_holder_keeps_its_lock_by_extending_the_lease(new_replica: NewReplica) -> None:
+    """A lease renewed before it ends keeps others out; once renewals stop, it ends."""
+    holder, other = new_replica(), new_replica()
+    lock = await holder.acquire_lock("fleet-eu", 0.3)
+    assert lock is not None
+    for _ in range(4):
+        await asyncio.sleep(0.15)
+        assert await holder.extend_lock("fleet-eu", lock, 0.3)
+        assert await other.acquire_lock("fleet-eu", 30.0) is None
+
+    async def free() -> bool:
+        return await other.acquire_lock("fleet-eu", 30.0) is not None
+
+    await eventually(free)
+
+
+async def test_a_reserve_keeps_units_back(store: TokenStore) -> None:
+    """With a reserve of 2 out of 5, only 3 units are granted; the reserve goes to others."""
+    granted = [await store.take_budget("scope", 5, 60.0, reserve=2) for _ in range(4)]
+    assert [wait == 0.0 for wait in granted] == [True, True, True, False]
+    assert 0.0 < granted[-1] <= 60.0
+    assert await store.take_budget("scope", 5, 60.0) == 0.0
+    assert await store.take_budget("scope", 5, 60.0) == 0.0
+    assert await store.take_budget("scope", 5, 60.0) > 0.0
+
+
+async def test_forced_renewals_are_counted_per_caller_and_account(
+    new_replica: NewReplica,
+) -> None:
+    """One forced renewal per caller, account and interval, across replicas."""
+    first, second = new_replica(), new_replica()
+    assert await first.take_forced("fleet-eu", "greedy", 60.0) == 0.0
+    wait = await second.take_forced("fleet-eu", "greedy", 60.0)
+    assert 50.0 < wait <= 60.0
+    assert await second.take_forced("fleet-us", "greedy", 60.0) == 0.0, "another account"
+    assert await second.take_forced("fleet-eu", "polite", 60.0) == 0.0, "another caller"
+
+
+async def test_the_epoch_stays_while_the_store_lives(store: TokenStore) -> None:
+    """Asking twice gives the same epoch: nothing was lost in between."""
+    assert await store.epoch() == await store.epoch()
