@@ -62,3 +62,16 @@ def test_garbage_and_truncated_envelopes_do_not_open(envelope: bytes) -> None:
     """Bytes that are no envelope, or a cut-off one, are refused with EnvelopeError."""
     with pytest.raises(EnvelopeError):
         TokenCipher([OLD]).open("fleet-eu", envelope)
+
+
+def test_a_context_is_bound_like_the_account() -> None:
+    """An envelope sealed with a context (a record's version) opens only with that context;
+    one sealed without any opens only without one."""
+    cipher = TokenCipher([OLD])
+    envelope = cipher.seal("fleet-eu", PLAINTEXT, b"v7")
+    assert cipher.open("fleet-eu", envelope, b"v7") == PLAINTEXT
+    for context in (b"v8", b""):
+        with pytest.raises(EnvelopeError):
+            cipher.open("fleet-eu", envelope, context)
+    with pytest.raises(EnvelopeError):
+        cipher.open("fleet-eu", cipher.seal("fleet-eu", PLAINTEXT), b"v7")
