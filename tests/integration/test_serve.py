@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -17,6 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.keys import new_api_key, new_encryption_key
+from service.serving import EXIT_STARTUP_FAILURE
 from service.simulator.client import SimulatorControl
 from tests.support import ServeProcess
 
@@ -211,6 +213,63 @@ def test_serve_keeps_an_idle_connection_open_past_a_retry_after(
         connection.sendall(request)
         assert read_status_line(connection).startswith(b"HTTP/1.1 200")
     assert serve.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_exits_non_zero_when_the_workers_fail_to_start(tmp_path: Path, workers: int) -> None:
+    """A Redis port out of range passes config validation (it checks the URL's scheme) but makes
+    every worker's lifespan startup fail when it opens the store: `serve` stops with uvicorn's
+    startup-failure code and says so, instead of exiting 0 (several workers, uvicorn's
+    supervisor returned normally) or only with uvicorn's own lines (one worker)."""
+    config = tmp_path / "broker.yaml"
+    extra = {"redis_url": "redis://127.0.0.1:637900/0", "encryption_keys": new_encryption_key()}
+    write_config(config, "http://127.0.0.1:9", {"ops@example.com": "unused"}, **extra)
+    serve = ServeProcess(config, tmp_path / "serve", workers=workers)
+    try:
+        exit_code = serve.process.wait(_STOP_SECONDS)
+    finally:
+        serve.kill()
+
+    assert exit_code == EXIT_STARTUP_FAILURE, serve.log()
+    assert_one_startup_failure_logged(serve)
+    assert list(serve.temp_dir.iterdir()) == []  # the metrics directory of several workers
+
+
+def test_serve_stops_when_a_restarted_worker_cannot_load_the_app(
+    tmp_path: Path,
+    start_serve: StartServe,
+    simulator: SimulatorControl,
+    simulator_users: dict[str, str],
+    redis_url: str,
+) -> None:
+    """A worker that dies is restarted; if its replacement cannot even build the app (the config
+    file was broken since `serve` validated it), `serve` stops with an error instead of
+    restarting it forever (the factory's exception used to end it with code 1, not 3)."""
+    config = tmp_path / "broker.yaml"
+    extra = {"redis_url": redis_url, "encryption_keys": new_encryption_key()}
+    write_config(config, simulator.base_url, simulator_users, **extra)
+    serve = start_serve(config, workers=2)
+    [metrics_dir] = serve.temp_dir.iterdir()
+    wait_for(lambda: len(_writers(metrics_dir)) == 2, "both workers to write metric files")
+
+    config.write_text("accounts: {}\n", encoding="utf-8")
+    os.kill(int(min(_writers(metrics_dir))), signal.SIGKILL)
+
+    assert serve.process.wait(_STOP_SECONDS) == EXIT_STARTUP_FAILURE, serve.log()
+    assert "at least one account is required" in serve.log()
+    assert_one_startup_failure_logged(serve)
+
+
+def assert_one_startup_failure_logged(serve: ServeProcess) -> None:
+    """All of serve's output is JSON lines, one of them serve's own error about the failed start."""
+    records = [json.loads(line) for line in serve.log_lines()]
+    errors = [
+        record
+        for record in records
+        if record["logger"] == "service.serving" and record["level"] == "ERROR"
+    ]
+    assert len(errors) == 1, serve.log()
+    assert errors[0]["message"].startswith("a worker failed to start"), errors[0]
 
 
 def read_status_line(connection: socket.socket) -> bytes:
