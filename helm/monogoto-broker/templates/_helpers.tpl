@@ -113,7 +113,9 @@ its file in the mounted Secret (CONTRACT §3 `*_file` twins), so no secret is in
     "dialect" .Values.config.upstream.dialect
     "timeout_seconds" .Values.config.upstream.timeoutSeconds
     "auth_rate" (dict "limit" .Values.config.upstream.authRate.limit "period_seconds" .Values.config.upstream.authRate.periodSeconds)
-    "retry" (dict "max_attempts" .Values.config.upstream.retry.maxAttempts "max_elapsed_seconds" .Values.config.upstream.retry.maxElapsedSeconds))
+    "retry" (dict "max_attempts" .Values.config.upstream.retry.maxAttempts "max_elapsed_seconds" .Values.config.upstream.retry.maxElapsedSeconds)
+    "max_retry_after_seconds" .Values.config.upstream.maxRetryAfterSeconds)
+  "api" (dict "max_wait_seconds" .Values.config.api.maxWaitSeconds)
   "refresh" (dict
     "fraction" .Values.config.refresh.fraction
     "min_remaining_seconds" .Values.config.refresh.minRemainingSeconds
