@@ -340,7 +340,8 @@ class TokenBroker:
         """Write this process's record back to a store that holds an older one (or none);
         whether it was written."""
         token = self._states[account].token
-        if token is None or account in self._restoring:
+        # An expired record would be refused anyway: no round trip for it every second.
+        if token is None or token.expires_at <= time.time() + 1 or account in self._restoring:
             return False
         self._restoring.add(account)
         try:
