@@ -1,23 +1,32 @@
-"""Monogoto rejects one account's password while a hundred callers hammer the fleet."""
+"""Monogoto rejects an account's password: while a hundred callers hammer the fleet, until
+Monogoto accepts it again, and until a rollout corrects it."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
+
 from service.keys import new_api_key
 from service.simulator.client import SimulatorControl
 from tests.e2e.harness import (
+    USERNAMES,
     Callers,
     ReliabilityRow,
     Rotation,
     UpstreamCounts,
     account,
+    account_statuses,
     broker_config,
+    scrape,
     write_config,
 )
+from tests.support import eventually
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import Record, StartBrokers
@@ -25,6 +34,7 @@ if TYPE_CHECKING:
 BACKOFF_SECONDS = 5.0
 RUN_SECONDS = 8.0
 WRONG_PASSWORD = "not-the-password-of-user02"
+ROLLOUT_WRONG_PASSWORD = "not-the-password-of-user06"
 ACCOUNTS = {
     "rejected": account(2, "v1", password=WRONG_PASSWORD),
     "healthy-v1": account(3, "v1"),
@@ -103,3 +113,187 @@ async def test_rejected_credentials_answer_503_and_cost_one_login_per_backoff(
     assert not any(WRONG_PASSWORD in log for log in logs)
     for replica in replicas:
         assert replica.stop() == 0
+
+
+REJECTED_GAUGE = "monogoto_broker_credentials_rejected"
+# How soon after one replica's login every replica must have let go of the rejection.
+CLEARED_WITHIN_SECONDS = 5.0
+
+
+def rejected_gauge(url: str, name: str) -> float | None:
+    """A replica's `credentials_rejected` gauge for account `name`; None without a sample."""
+    for labels, value in scrape(url).get(REJECTED_GAUGE, []):
+        if labels.get("account") == name:
+            return value
+    return None
+
+
+def fleet_view(urls: list[str], key: str, name: str) -> list[tuple[float | None, str]]:
+    """Each replica's gauge and `/v1/accounts` status for account `name`."""
+    return [(rejected_gauge(url, name), account_statuses(url, key)[name]) for url in urls]
+
+
+async def ask_each(urls: list[str], key: str, name: str) -> list[httpx.Response]:
+    """One token request for `name` at each replica."""
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=30, headers=headers) as client:
+        return list(
+            await asyncio.gather(*(client.get(f"{url}/v1/accounts/{name}/token") for url in urls))
+        )
+
+
+async def test_a_rejection_ends_on_every_replica_once_any_replica_logs_in(
+    tmp_path: Path,
+    redis_url: str,
+    e2e_simulator: SimulatorControl,
+    start_brokers: StartBrokers,
+    reliability: Record,
+) -> None:
+    """Monogoto refuses an account's logins (401) on three replicas, then takes them again:
+    once one replica has logged in, every replica's credentials_rejected gauge is 0 and
+    /v1/accounts says ok within seconds, and no other replica logs in again for that."""
+    name = "recovers-v1"
+    accounts = {name: account(5, "v1")}
+    e2e_simulator.set(token_lifetime_seconds=600, rate_limit=20, rate_period_seconds=5)
+    # Monogoto refuses the password for now. The only v1 account: the rule meets only its logins.
+    e2e_simulator.fault("status", endpoint="v1_token", status=401, count=1000)
+    key, digest = new_api_key()
+    config = broker_config(
+        redis_url,
+        e2e_simulator.base_url,
+        digest,
+        accounts,
+        upstream={"auth_rate": {"limit": 20, "period_seconds": 5}},
+        refresh={"rejected_backoff_seconds": BACKOFF_SECONDS},
+    )
+    started = time.monotonic()
+    urls = [r.url for r in start_brokers(write_config(tmp_path / "broker.yaml", config), 3)]
+    stop = asyncio.Event()
+    callers = Callers(Rotation(urls), key, accounts, concurrency=5, pause=0.1)
+    load = asyncio.create_task(callers.run(until=stop))
+    try:
+        rejected_everywhere = [(1.0, "credentials_rejected")] * len(urls)
+        await eventually(lambda: fleet_view(urls, key, name) == rejected_everywhere)
+        e2e_simulator.clear_faults()  # Monogoto takes the password again
+        fixed_at = time.monotonic()
+        await eventually(
+            lambda: UpstreamCounts.read(e2e_simulator).outcomes["ok"] > 0,
+            within=BACKOFF_SECONDS + 10,
+        )
+        logged_in_at = time.monotonic()
+        await eventually(
+            lambda: fleet_view(urls, key, name) == [(0.0, "ok")] * len(urls),
+            within=CLEARED_WITHIN_SECONDS,
+        )
+        cleared_in = time.monotonic() - logged_in_at
+        await asyncio.sleep(1.0)  # callers get the token from every replica
+    finally:
+        stop.set()
+        await load
+    elapsed = time.monotonic() - started
+
+    report = callers.report
+    total = UpstreamCounts.read(e2e_simulator)
+    refused = total.outcomes["injected_status"]
+    allowed = math.floor(elapsed / BACKOFF_SECONDS) + 1
+    reliability(
+        ReliabilityRow(
+            scenario="rejected credentials accepted again",
+            injected=(
+                f"Monogoto answers 401 to the logins of 1 v1 account, then accepts them "
+                f"(3 replicas, {BACKOFF_SECONDS:.0f} s back-off)"
+            ),
+            callers_saw=(
+                f"{report.summary()}; the first login {logged_in_at - fixed_at:.1f} s after the "
+                f"fix, every replica's gauge 0 and status ok {cleared_in:.1f} s after it"
+            ),
+            upstream_calls=f"{total.describe()}; {refused} refused logins in {elapsed:.1f} s",
+            rate_limited=total.rate_limited,
+            reused=total.reused,
+        )
+    )
+    assert report.problems == []
+    assert set(report.codes()) <= {"200", "503 credentials_rejected"}, report.summary()
+    assert report.codes()["503 credentials_rejected"] > 0
+    assert report.served() > 0
+    assert 1 <= refused <= allowed
+    # One login ended the rejection for the whole fleet: the others took its token.
+    assert total.outcomes["ok"] == 1
+    assert total.rate_limited == 0
+
+
+async def test_a_corrected_password_logs_in_at_once_despite_the_old_rejection(
+    tmp_path: Path,
+    redis_url: str,
+    e2e_simulator: SimulatorControl,
+    start_brokers: StartBrokers,
+    reliability: Record,
+) -> None:
+    """Two replicas with a wrong password leave a rejection marker good for 300 s; a replica
+    rolled out with the corrected password is not held back by it and logs in at once, and the
+    two old replicas take its token and stop reporting the rejection within seconds."""
+    name = "rollout-v1"
+    index = 6
+    backoff = 300.0
+    e2e_simulator.set(token_lifetime_seconds=600, rate_limit=20, rate_period_seconds=5)
+    key, digest = new_api_key()
+    wrong = broker_config(
+        redis_url,
+        e2e_simulator.base_url,
+        digest,
+        {name: account(index, "v1", password=ROLLOUT_WRONG_PASSWORD)},
+        upstream={"auth_rate": {"limit": 20, "period_seconds": 5}},
+        refresh={"rejected_backoff_seconds": backoff},
+    )
+    old_replicas = start_brokers(write_config(tmp_path / "wrong.yaml", wrong), 2)
+    old = [replica.url for replica in old_replicas]
+    await eventually(
+        lambda: fleet_view(old, key, name) == [(1.0, "credentials_rejected")] * len(old)
+    )
+    before = await ask_each(old, key, name)
+
+    corrected = copy.deepcopy(wrong)  # the same encryption keys, Redis and account
+    corrected["accounts"][name]["password"] = account(index)["password"]
+    rollout_at = time.monotonic()
+    [new] = start_brokers(write_config(tmp_path / "corrected.yaml", corrected), 1)
+    user = USERNAMES[index]
+    await eventually(lambda: UpstreamCounts.read(e2e_simulator, user).outcomes["ok"] > 0, within=15)
+    logged_in_in = time.monotonic() - rollout_at
+    logged_in_at = time.monotonic()
+    await eventually(
+        lambda: fleet_view(old, key, name) == [(0.0, "ok")] * len(old),
+        within=CLEARED_WITHIN_SECONDS,
+    )
+    cleared_in = time.monotonic() - logged_in_at
+    after = await ask_each([*old, new.url], key, name)
+
+    total = UpstreamCounts.read(e2e_simulator)
+    reliability(
+        ReliabilityRow(
+            scenario="corrected password rolled out",
+            injected=(
+                f"wrong password on 2 replicas ({backoff:.0f} s back-off), then a replica "
+                "with the corrected password"
+            ),
+            callers_saw=(
+                f"old replicas before: {sorted(r.status_code for r in before)} "
+                f"(Retry-After {sorted(r.headers.get('Retry-After', '-') for r in before)}); "
+                f"new replica logged in {logged_in_in:.1f} s after its start; old replicas' "
+                f"gauge 0 and status ok {cleared_in:.1f} s later; then "
+                f"{sorted(r.status_code for r in after)} from all 3"
+            ),
+            upstream_calls=total.describe(),
+            rate_limited=total.rate_limited,
+            reused=total.reused,
+        )
+    )
+    assert [r.status_code for r in before] == [503] * len(old)
+    assert {r.json()["code"] for r in before} == {"credentials_rejected"}
+    # Not held back by a marker of other credentials: one rejected login, one good one.
+    assert total.outcomes == {"rejected": 1, "ok": 1}
+    assert logged_in_in < backoff / 10
+    assert [r.status_code for r in after] == [200] * 3
+    assert len({r.json()["access_token"] for r in after}) == 1
+    assert rejected_gauge(new.url, name) in (None, 0.0)
+    assert account_statuses(new.url, key)[name] == "ok"
+    assert not any(ROLLOUT_WRONG_PASSWORD in r.log() for r in [*old_replicas, new])
