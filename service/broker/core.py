@@ -379,6 +379,10 @@ class TokenBroker:
                 and record is not None
                 and record.access_token.get_secret_value() == revoke
             )
+            if revoked:
+                # Once revoked, the token is served nowhere: replacing it is a need, whoever
+                # reported it (the report itself was charged above).
+                URGENCY.set(Urgency.NEEDED)
             renewed = await self._renewer.renew(account, record, lock=lock, revoke=revoked)
             return renewed, Outcome.FETCHED
         finally:
