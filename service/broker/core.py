@@ -309,6 +309,7 @@ class TokenBroker:
             if record is not None and wanted(record):
                 return self._adopted(account, record, Outcome.SHARED)
             await self._renewer.check_rejected(account)
+            self._renewer.raise_if_backing_off(account)
             held = await self._lock(account, wanted)
             if isinstance(held, TokenRecord):
                 return self._adopted(account, held, Outcome.SHARED)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # What a caller is told to wait when Monogoto failed without saying for how long.
 UPSTREAM_RETRY_AFTER_SECONDS = 5.0
+FAILED_DETAIL = "Monogoto did not issue a token"
 # How long a spent refresh token is remembered when its own expiry is unknown.
 SPENT_MEMORY_SECONDS = 7 * 86400.0
 
@@ -142,6 +143,13 @@ class Renewer:
             self._states[account].rejected(account, failure)
         self.raise_if_rejected(account)
 
+    def raise_if_backing_off(self, account: str) -> None:
+        """Raise while the last renewal failed for a transient reason less than its
+        `Retry-After` ago: callers asking meanwhile cost Monogoto nothing."""
+        wait = self._states[account].retry_at - time.monotonic()
+        if wait > 0:
+            raise UpstreamUnavailableError(FAILED_DETAIL, retry_after=wait)
+
     def raise_if_rejected(self, account: str) -> None:
         """Raise while this process knows the account's credentials to be rejected."""
         wait = self._states[account].rejected_until - time.time()
@@ -160,13 +168,13 @@ class Renewer:
             return UpstreamUnavailableError(
                 "the shared Monogoto auth budget is exhausted", retry_after=error.retry_after
             )
-        state.failed(error.detail)
         log.warning(
             "could not obtain a token",
             extra={"account": account, "result": error.result, "reason": error.detail},
         )
         retry_after = getattr(error, "retry_after", None) or UPSTREAM_RETRY_AFTER_SECONDS
-        return UpstreamUnavailableError("Monogoto did not issue a token", retry_after=retry_after)
+        state.failed(error.detail, retry_after)
+        return UpstreamUnavailableError(FAILED_DETAIL, retry_after=retry_after)
 
     async def _reject(
         self, account: str, error: upstream_errors.CredentialsRejectedError

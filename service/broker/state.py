@@ -63,6 +63,8 @@ class AccountState:
     # When this process learnt of the rejection in force: a grant obtained later, by any
     # replica, ends it.
     rejected_since: float = 0.0
+    # After a transient failure, no new attempt from this process before this (monotonic).
+    retry_at: float = 0.0
     # Replaced by a fresh event on every change; waiters hold the one current when they looked.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -82,6 +84,7 @@ class AccountState:
                 # A new grant, by any replica: the account is healthy again.
                 self.last_refresh_at = record.obtained_at
                 self.last_error = None
+                self.retry_at = 0.0
                 if self.rejected_until and record.obtained_at > self.rejected_since:
                     self.rejected_until = 0.0
                     CREDENTIALS_REJECTED.labels(account).set(0)
@@ -95,9 +98,11 @@ class AccountState:
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
 
-    def failed(self, detail: str) -> None:
-        """A renewal by this process failed for a transient reason."""
+    def failed(self, detail: str, retry_after: float = 0.0) -> None:
+        """A renewal by this process failed for a transient reason; Monogoto is not asked again
+        from this process for `retry_after` seconds."""
         self.last_error = detail
+        self.retry_at = time.monotonic() + retry_after
 
     def rejected(self, account: str, failure: FailureRecord) -> None:
         """Monogoto rejects the credentials until at least `failure.retry_at`."""
