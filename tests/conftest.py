@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,9 @@ _LOG_TAIL_LINES = 30
 
 class RedisServer:
     """A `redis-server` child process without persistence, restartable on the same port."""
+
+    #: How the server's first reply to a PING may start once it takes commands.
+    ready_replies: tuple[bytes, ...] = (b"+PONG",)
 
     def __init__(self, executable: str, directory: Path) -> None:
         self.port = free_port()
@@ -48,14 +51,16 @@ class RedisServer:
         """Whether the process is alive (it may still be starting)."""
         return self._process is not None and self._process.poll() is None
 
-    def start(self, timeout: float = 15.0) -> None:
-        """Start the server, empty, unless it runs; return once it answers PING."""
+    def start(self, timeout: float = 15.0, args: Sequence[str] = ()) -> None:
+        """Start the server unless it runs, with `args` as extra `redis-server` arguments;
+        return once it answers PING. It starts empty unless its directory holds a `dump.rdb`."""
         if self.running:
             return
         command = [
             self._executable,
             *("--port", str(self.port), "--bind", "127.0.0.1"),
             *("--save", "", "--appendonly", "no", "--dir", str(self._directory)),
+            *args,
         ]
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
@@ -102,7 +107,7 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as connection:
                 connection.sendall(b"PING\r\n")
-                return connection.recv(16).startswith(b"+PONG")
+                return connection.recv(16).startswith(self.ready_replies)
         except OSError:
             return False
 

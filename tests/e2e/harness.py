@@ -21,8 +21,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.claims import read_claims
-from service.keys import new_encryption_key
+from service.keys import new_api_key, new_encryption_key
 from service.simulator.client import SimulatorControl
+from tests.support import eventually
 
 #: Users of the e2e simulator: one per account a scenario needs, so its calls are counted apart.
 USERS = {f"user{index:02d}@monogoto.example": f"password-{index:02d}" for index in range(12)}
@@ -66,6 +67,38 @@ def broker_config(
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
     return config
+
+
+def limited_config(
+    simulator: SimulatorControl,
+    redis_url: str,
+    accounts: Mapping[str, Mapping[str, str]],
+    limit: int,
+    period_seconds: float,
+    *,
+    lifetime: float | None = None,
+    upstream: Mapping[str, Any] | None = None,
+    refresh: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Monogoto (the simulator) limited to `limit` auth calls per `period_seconds`, issuing
+    tokens of `lifetime` seconds if given, and a `broker_config` for a new caller key whose
+    auth budget is that same limit, with the `upstream` and `refresh` settings given: the
+    caller key and the config."""
+    settings = {"rate_limit": limit, "rate_period_seconds": period_seconds}
+    if lifetime is not None:
+        settings["token_lifetime_seconds"] = lifetime
+    simulator.set(**settings)
+    key, digest = new_api_key()
+    auth_rate = {"limit": limit, "period_seconds": period_seconds}
+    config = broker_config(
+        redis_url,
+        simulator.base_url,
+        digest,
+        accounts,
+        upstream={"auth_rate": auth_rate, **(upstream or {})},
+        refresh=refresh or {},
+    )
+    return key, config
 
 
 def write_config(path: Path, config: Mapping[str, Any]) -> Path:
@@ -212,6 +245,15 @@ class UpstreamCounts:
                 outcomes[row["outcome"]] += row["count"]
         return cls(outcomes)
 
+    @classmethod
+    def per_account(
+        cls, simulator: SimulatorControl, accounts: Mapping[str, Mapping[str, str]]
+    ) -> dict[str, UpstreamCounts]:
+        """The counts since the simulator's last reset of each account's user, by account."""
+        return {
+            name: cls.read(simulator, settings["username"]) for name, settings in accounts.items()
+        }
+
     @property
     def calls(self) -> int:
         """Calls that reached the simulator's handlers or its fault rules (429s excluded)."""
@@ -312,6 +354,12 @@ def account_statuses(url: str, key: str) -> dict[str, str]:
     return {body["name"]: body["status"] for body in response.json()["accounts"]}
 
 
+async def ok_on_every_replica(urls: Iterable[str], key: str, name: str) -> None:
+    """Wait until each replica's `/v1/accounts` says account `name` is `ok`."""
+    for url in urls:
+        await eventually(lambda url=url: account_statuses(url, key)[name] == "ok")  # type: ignore[misc]
+
+
 def upstream_results(urls: Iterable[str]) -> Counter[str]:
     """Upstream attempts by `result` label, summed over the replicas' `/metrics`."""
     results: Counter[str] = Counter()
@@ -344,10 +392,7 @@ class Cadence:
         start, so the cycle count is an upper bound."""
         cycle_seconds = fraction * lifetime
         return cls(
-            per_account={
-                name: UpstreamCounts.read(simulator, settings["username"])
-                for name, settings in accounts.items()
-            },
+            per_account=UpstreamCounts.per_account(simulator, accounts),
             total=UpstreamCounts.read(simulator),
             cycles=elapsed / cycle_seconds,
             cycle_seconds=cycle_seconds,

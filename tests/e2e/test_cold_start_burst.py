@@ -11,14 +11,12 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from service.keys import new_api_key
 from service.simulator.client import SimulatorControl
 from tests.e2e.harness import (
-    USERNAMES,
     ReliabilityRow,
     UpstreamCounts,
     account,
-    broker_config,
+    limited_config,
     write_config,
 )
 
@@ -77,16 +75,8 @@ async def test_cold_start_over_budget_serves_every_account_without_a_429(
     """Eight accounts asked for at once on three fresh replicas, with budget for three per
     window: every caller is served in the end, told an honest Retry-After meanwhile, with one
     login per account and no 429 from Monogoto."""
-    e2e_simulator.set(
-        token_lifetime_seconds=600, rate_limit=LIMIT, rate_period_seconds=PERIOD_SECONDS
-    )
-    key, digest = new_api_key()
-    config = broker_config(
-        redis_url,
-        e2e_simulator.base_url,
-        digest,
-        ACCOUNTS,
-        upstream={"auth_rate": {"limit": LIMIT, "period_seconds": PERIOD_SECONDS}},
+    key, config = limited_config(
+        e2e_simulator, redis_url, ACCOUNTS, LIMIT, PERIOD_SECONDS, lifetime=600
     )
     replicas = [r.url for r in start_brokers(write_config(tmp_path / "broker.yaml", config), 3)]
     callers = [Caller(name) for name in ACCOUNTS for _ in range(CALLERS_PER_ACCOUNT)]
@@ -101,8 +91,8 @@ async def test_cold_start_over_budget_serves_every_account_without_a_429(
     answers = sum((caller.answers for caller in callers), Counter[str]())
     retry_after = [seconds for caller in callers for seconds in caller.retry_after]
     per_account = {
-        name: UpstreamCounts.read(e2e_simulator, USERNAMES[index]).calls
-        for index, name in enumerate(ACCOUNTS)
+        name: counts.calls
+        for name, counts in UpstreamCounts.per_account(e2e_simulator, ACCOUNTS).items()
     }
     total = UpstreamCounts.read(e2e_simulator)
     reliability(

@@ -15,14 +15,14 @@ import httpx
 from service.keys import new_api_key
 from service.simulator.client import SimulatorControl
 from tests.e2e.harness import (
-    USERNAMES,
     Callers,
     ReliabilityRow,
     Rotation,
     UpstreamCounts,
     account,
     account_statuses,
-    broker_config,
+    limited_config,
+    ok_on_every_replica,
     write_config,
 )
 from tests.support import eventually
@@ -116,21 +116,16 @@ async def test_a_survivor_takes_over_when_the_lock_holder_dies_mid_call(
     is answered within api.max_wait_seconds (200, or 503 with Retry-After), a survivor serves
     the cold account within 15 s of the kill, callers of the account with a valid token are
     served throughout, and the spent refresh token is never sent again."""
-    e2e_simulator.set(
-        token_lifetime_seconds=LIFETIME_SECONDS, rate_limit=50, rate_period_seconds=10
-    )
-    key, digest = new_api_key()
-    other_key, other_digest = new_api_key()
-    config = broker_config(
+    key, config = limited_config(
+        e2e_simulator,
         redis_url,
-        e2e_simulator.base_url,
-        digest,
         ACCOUNTS,
-        upstream={
-            "timeout_seconds": TIMEOUT_SECONDS,
-            "auth_rate": {"limit": 50, "period_seconds": 10},
-        },
+        limit=50,
+        period_seconds=10,
+        upstream={"timeout_seconds": TIMEOUT_SECONDS},
+        lifetime=LIFETIME_SECONDS,
     )
+    other_key, other_digest = new_api_key()
     # A second caller, whose forced renewal at a survivor is not refused as a repeat of the
     # first caller's.
     config["callers"]["other"] = {"api_key_sha256": other_digest, "accounts": [RENEWED]}
@@ -144,10 +139,7 @@ async def test_a_survivor_takes_over_when_the_lock_holder_dies_mid_call(
     await eventually(lambda: e2e_simulator.calls("legacy_auth", user=cold_user) >= 1)
     await eventually(lambda: account_statuses(doomed.url, key)[RENEWED] == "ok")
     survivors = start_brokers(path, 2)
-    for survivor in survivors:
-        await eventually(
-            lambda url=survivor.url: account_statuses(url, key)[RENEWED] == "ok"  # type: ignore[misc]
-        )
+    await ok_on_every_replica([s.url for s in survivors], key, RENEWED)
     rotation = Rotation([s.url for s in survivors])
     headers = {"Authorization": f"Bearer {key}"}
     stop = asyncio.Event()
@@ -213,8 +205,8 @@ async def test_a_survivor_takes_over_when_the_lock_holder_dies_mid_call(
     total = UpstreamCounts.read(e2e_simulator)
     refreshes = e2e_simulator.calls("v1_refresh", user=renewed_user)
     per_account = {
-        name: UpstreamCounts.read(e2e_simulator, USERNAMES[index]).describe()
-        for index, name in enumerate(ACCOUNTS)
+        name: counts.describe()
+        for name, counts in UpstreamCounts.per_account(e2e_simulator, ACCOUNTS).items()
     }
     takeover = min(at for at in cold.served_at if at > killed_at) - killed_at
     longest = max(callers.longest, *cold.waits, *renew_waits)

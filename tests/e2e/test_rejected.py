@@ -8,11 +8,10 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from service.keys import new_api_key
 from service.simulator.client import SimulatorControl
 from tests.e2e.harness import (
     USERNAMES,
@@ -22,7 +21,7 @@ from tests.e2e.harness import (
     UpstreamCounts,
     account,
     account_statuses,
-    broker_config,
+    limited_config,
     scrape,
     write_config,
 )
@@ -31,6 +30,9 @@ from tests.support import eventually
 if TYPE_CHECKING:
     from tests.e2e.conftest import Record, StartBrokers
 
+#: Monogoto's limit, which is the replicas' auth budget: 20 calls per 5 s.
+LIMIT = 20
+PERIOD_SECONDS = 5
 BACKOFF_SECONDS = 5.0
 RUN_SECONDS = 8.0
 WRONG_PASSWORD = "not-the-password-of-user02"
@@ -40,6 +42,27 @@ ACCOUNTS = {
     "healthy-v1": account(3, "v1"),
     "healthy-legacy": account(4, "legacy"),
 }
+
+
+def rejection_config(
+    simulator: SimulatorControl,
+    redis_url: str,
+    accounts: dict[str, dict[str, str]],
+    backoff: float,
+    *,
+    lifetime: float | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Monogoto's limit as the budget and `backoff` after a rejection (Monogoto's tokens of
+    `lifetime` seconds if given): the caller key and the config."""
+    return limited_config(
+        simulator,
+        redis_url,
+        accounts,
+        LIMIT,
+        PERIOD_SECONDS,
+        lifetime=lifetime,
+        refresh={"rejected_backoff_seconds": backoff},
+    )
 
 
 async def test_rejected_credentials_answer_503_and_cost_one_login_per_backoff(
@@ -52,16 +75,7 @@ async def test_rejected_credentials_answer_503_and_cost_one_login_per_backoff(
     """An account with a wrong password answers 503 credentials_rejected with Retry-After,
     the fleet tries its login at most once per back-off, and the other accounts keep
     getting tokens."""
-    e2e_simulator.set(rate_limit=20, rate_period_seconds=5)
-    key, digest = new_api_key()
-    config = broker_config(
-        redis_url,
-        e2e_simulator.base_url,
-        digest,
-        ACCOUNTS,
-        upstream={"auth_rate": {"limit": 20, "period_seconds": 5}},
-        refresh={"rejected_backoff_seconds": BACKOFF_SECONDS},
-    )
+    key, config = rejection_config(e2e_simulator, redis_url, ACCOUNTS, BACKOFF_SECONDS)
     started = time.monotonic()  # the first replica tries the logins as soon as it starts
     replicas = start_brokers(write_config(tmp_path / "broker.yaml", config), 3)
     callers = Callers(Rotation([r.url for r in replicas]), key, ACCOUNTS, concurrency=100)
@@ -69,10 +83,7 @@ async def test_rejected_credentials_answer_503_and_cost_one_login_per_backoff(
     elapsed = time.monotonic() - started
 
     report = callers.report
-    upstream = {
-        name: UpstreamCounts.read(e2e_simulator, settings["username"])
-        for name, settings in ACCOUNTS.items()
-    }
+    upstream = UpstreamCounts.per_account(e2e_simulator, ACCOUNTS)
     total = UpstreamCounts.read(e2e_simulator)
     allowed = math.floor(elapsed / BACKOFF_SECONDS) + 1
     reliability(
@@ -154,18 +165,11 @@ async def test_a_rejection_ends_on_every_replica_once_any_replica_logs_in(
     /v1/accounts says ok within seconds, and no other replica logs in again for that."""
     name = "recovers-v1"
     accounts = {name: account(5, "v1")}
-    e2e_simulator.set(token_lifetime_seconds=600, rate_limit=20, rate_period_seconds=5)
+    key, config = rejection_config(
+        e2e_simulator, redis_url, accounts, BACKOFF_SECONDS, lifetime=600
+    )
     # Monogoto refuses the password for now. The only v1 account: the rule meets only its logins.
     e2e_simulator.fault("status", endpoint="v1_token", status=401, count=1000)
-    key, digest = new_api_key()
-    config = broker_config(
-        redis_url,
-        e2e_simulator.base_url,
-        digest,
-        accounts,
-        upstream={"auth_rate": {"limit": 20, "period_seconds": 5}},
-        refresh={"rejected_backoff_seconds": BACKOFF_SECONDS},
-    )
     started = time.monotonic()
     urls = [r.url for r in start_brokers(write_config(tmp_path / "broker.yaml", config), 3)]
     stop = asyncio.Event()
@@ -235,15 +239,12 @@ async def test_a_corrected_password_logs_in_at_once_despite_the_old_rejection(
     name = "rollout-v1"
     index = 6
     backoff = 300.0
-    e2e_simulator.set(token_lifetime_seconds=600, rate_limit=20, rate_period_seconds=5)
-    key, digest = new_api_key()
-    wrong = broker_config(
+    key, wrong = rejection_config(
+        e2e_simulator,
         redis_url,
-        e2e_simulator.base_url,
-        digest,
         {name: account(index, "v1", password=ROLLOUT_WRONG_PASSWORD)},
-        upstream={"auth_rate": {"limit": 20, "period_seconds": 5}},
-        refresh={"rejected_backoff_seconds": backoff},
+        backoff,
+        lifetime=600,
     )
     old_replicas = start_brokers(write_config(tmp_path / "wrong.yaml", wrong), 2)
     old = [replica.url for replica in old_replicas]

@@ -12,17 +12,15 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from service.keys import new_api_key
 from service.simulator.client import SimulatorControl
 from tests.e2e.harness import (
     ReliabilityRow,
     UpstreamCounts,
     account,
-    account_statuses,
-    broker_config,
+    limited_config,
+    ok_on_every_replica,
     write_config,
 )
-from tests.support import eventually
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import Record, StartBrokers
@@ -55,21 +53,17 @@ async def test_a_reported_token_whose_replacement_failed_is_never_served_again(
     rejected), every replica answers 503 instead of the reported token; once Monogoto answers
     again, every replica serves a new token."""
     status, code = REFUSALS[refusal]
-    e2e_simulator.set(
-        token_lifetime_seconds=LIFETIME_SECONDS, rate_limit=50, rate_period_seconds=10
-    )
-    key, digest = new_api_key()
-    config = broker_config(
+    key, config = limited_config(
+        e2e_simulator,
         redis_url,
-        e2e_simulator.base_url,
-        digest,
         ACCOUNTS,
-        upstream={"auth_rate": {"limit": 50, "period_seconds": 10}},
+        limit=50,
+        period_seconds=10,
         refresh={"rejected_backoff_seconds": REJECTED_BACKOFF_SECONDS},
+        lifetime=LIFETIME_SECONDS,
     )
     replicas = [r.url for r in start_brokers(write_config(tmp_path / "broker.yaml", config), 3)]
-    for url in replicas:
-        await eventually(lambda url=url: account_statuses(url, key)[NAME] == "ok")  # type: ignore[misc]
+    await ok_on_every_replica(replicas, key, NAME)
     token_url = f"/v1/accounts/{NAME}/token"
     served: Counter[str] = Counter()  # every token served after the report, by fingerprint
     answers: Counter[str] = Counter()  # answers to the GETs after the report

@@ -116,10 +116,7 @@ async def test_rolling_restart_loses_no_request_and_costs_no_login(
     elapsed = time.monotonic() - started
 
     report = callers.report
-    upstream = {
-        name: UpstreamCounts.read(e2e_simulator, settings["username"])
-        for name, settings in ACCOUNTS.items()
-    }
+    upstream = UpstreamCounts.per_account(e2e_simulator, ACCOUNTS)
     total = UpstreamCounts.read(e2e_simulator)
     reliability(
         ReliabilityRow(

@@ -7,16 +7,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.keys import new_api_key
 from service.simulator.client import SimulatorControl
 from tests.e2e.harness import (
-    USERNAMES,
     Callers,
     ReliabilityRow,
     Rotation,
     UpstreamCounts,
     account,
-    broker_config,
+    limited_config,
     write_config,
 )
 from tests.support import eventually
@@ -72,16 +70,8 @@ async def test_redis_restarted_empty_mid_burst_costs_no_429(
     cool-down and locks gone). The fleet holds the budget back for a window instead of
     spending a second one at once: no 429 from Monogoto, each account logged in once, and
     every account served in the end."""
-    e2e_simulator.set(
-        token_lifetime_seconds=600, rate_limit=LIMIT, rate_period_seconds=PERIOD_SECONDS
-    )
-    key, digest = new_api_key()
-    config = broker_config(
-        redis_url,
-        e2e_simulator.base_url,
-        digest,
-        ACCOUNTS,
-        upstream={"auth_rate": {"limit": LIMIT, "period_seconds": PERIOD_SECONDS}},
+    key, config = limited_config(
+        e2e_simulator, redis_url, ACCOUNTS, LIMIT, PERIOD_SECONDS, lifetime=600
     )
     logins = LoginClock(e2e_simulator)
     watching = asyncio.create_task(logins.run())
@@ -116,8 +106,8 @@ async def test_redis_restarted_empty_mid_burst_costs_no_429(
     report = callers.report
     total = UpstreamCounts.read(e2e_simulator)
     per_account = {
-        name: UpstreamCounts.read(e2e_simulator, USERNAMES[index]).calls
-        for index, name in enumerate(ACCOUNTS)
+        name: counts.calls
+        for name, counts in UpstreamCounts.per_account(e2e_simulator, ACCOUNTS).items()
     }
     first, after_restart = logins.times[0], logins.times[LIMIT:]
     # When Monogoto's own window would have admitted the next login, and when it came.

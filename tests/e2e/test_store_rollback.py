@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +27,6 @@ import pytest
 import redis
 
 from service.claims import read_claims
-from service.keys import new_api_key
 from service.simulator.client import SimulatorControl
 from tests.conftest import RedisServer
 from tests.e2e.harness import (
@@ -39,7 +36,7 @@ from tests.e2e.harness import (
     Rotation,
     UpstreamCounts,
     account,
-    broker_config,
+    limited_config,
     write_config,
 )
 from tests.support import eventually
@@ -72,6 +69,8 @@ class RedisNode(RedisServer):
     `--replicaof`), on a given port or a free one, and ready once it takes commands, even
     while it requires a password."""
 
+    ready_replies: tuple[bytes, ...] = (b"+PONG", b"-NOAUTH")
+
     def __init__(self, directory: Path, *, port: int | None = None) -> None:
         executable = shutil.which("redis-server")
         assert executable is not None, "redis-server is not on PATH"
@@ -81,29 +80,11 @@ class RedisNode(RedisServer):
             self.port = port
         self.password: str | None = None
 
-    def start(self, timeout: float = 15.0, *, args: Sequence[str] = ()) -> None:
+    def start(self, timeout: float = 15.0, args: Sequence[str] = ()) -> None:
         """Start the server with `args` (it loads `dump.rdb` of its directory if there is
         one); return once it answers."""
-        if self.running:
-            return
-        command = [
-            self._executable,
-            *("--port", str(self.port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no", "--dir", str(self._directory)),
-            # A replica is sent the data at once (Redis 7 waits 5 s for other replicas).
-            *("--repl-diskless-sync-delay", "0"),
-            *args,
-        ]
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
-        deadline = time.monotonic() + timeout
-        while not self._answers_ping():
-            if not self.running:
-                raise RuntimeError(f"redis-server exited on start:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"redis-server did not answer in {timeout}s:\n{self.log_tail()}")
-            time.sleep(0.05)
+        # A replica is sent the data at once (Redis 7 waits 5 s for other replicas).
+        super().start(timeout, ("--repl-diskless-sync-delay", "0", *args))
 
     def client(self) -> redis.Redis:
         """A client of this server (with its password while it requires one)."""
@@ -119,14 +100,6 @@ class RedisNode(RedisServer):
         with self.client() as client:
             info = client.info("replication")
         return info.get("master_link_status") == "up" and not info.get("master_sync_in_progress")
-
-    def _answers_ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as connection:
-                connection.sendall(b"PING\r\n")
-                return connection.recv(16).startswith((b"+PONG", b"-NOAUTH"))
-        except OSError:
-            return False
 
 
 @pytest.fixture
@@ -169,21 +142,6 @@ def logins(simulator: SimulatorControl, accounts: dict[str, dict[str, str]]) -> 
     return sum(simulator.calls("v1_token", user=s["username"]) for s in accounts.values())
 
 
-def fleet_config(
-    redis_url: str, simulator_url: str, digest: str, accounts: dict[str, dict[str, str]]
-) -> dict[str, Any]:
-    """The replicas' config: v1 accounts renewed at half their lifetime, Monogoto's limit as
-    the budget."""
-    return broker_config(
-        redis_url,
-        simulator_url,
-        digest,
-        accounts,
-        upstream={"auth_rate": {"limit": LIMIT, "period_seconds": PERIOD_SECONDS}},
-        refresh={"fraction": FRACTION, "min_remaining_seconds": MIN_REMAINING_SECONDS},
-    )
-
-
 async def long_lived_records(
     node: RedisNode, simulator: SimulatorControl, accounts: dict[str, dict[str, str]]
 ) -> None:
@@ -194,6 +152,46 @@ async def long_lived_records(
     await eventually(
         lambda: min(record_ttls(node, list(accounts)).values()) > LIFETIME_SECONDS, within=20
     )
+
+
+async def start_fleet(
+    tmp_path: Path,
+    node: RedisNode,
+    simulator: SimulatorControl,
+    start_brokers: StartBrokers,
+    accounts: dict[str, dict[str, str]],
+) -> tuple[str, Path, Rotation]:
+    """Short tokens and Monogoto's limit on the simulator, three replicas on `node` (v1
+    accounts renewed at half their lifetime, Monogoto's limit as the budget), and every
+    account's record a long-lived one: the caller key, the config file and the rotation."""
+    key, config = limited_config(
+        simulator,
+        node.url,
+        accounts,
+        LIMIT,
+        PERIOD_SECONDS,
+        refresh={"fraction": FRACTION, "min_remaining_seconds": MIN_REMAINING_SECONDS},
+        lifetime=LIFETIME_SECONDS,
+    )
+    path = write_config(tmp_path / "broker.yaml", config)
+    rotation = Rotation([broker.url for broker in start_brokers(path, 3)])
+    await long_lived_records(node, simulator, accounts)
+    return key, path, rotation
+
+
+class Load:
+    """Callers of every account on a rotation, in the background from creation to `end`."""
+
+    def __init__(self, rotation: Rotation, key: str, accounts: dict[str, dict[str, str]]) -> None:
+        self.callers = Callers(rotation, key, accounts, concurrency=8, pause=0.05)
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.callers.run(until=self._stop))
+
+    async def end(self) -> LoadReport:
+        """Stop the callers; what they saw."""
+        self._stop.set()
+        await self._task
+        return self.callers.report
 
 
 async def refreshed_since(
@@ -227,6 +225,58 @@ async def renewed_and_stored(
     await eventually(
         lambda: min(record_ttls(node, list(accounts)).values()) > LIFETIME_SECONDS * FRACTION + 0.5
     )
+
+
+async def load_past(
+    node: RedisNode,
+    simulator: SimulatorControl,
+    rotation: Rotation,
+    key: str,
+    accounts: dict[str, dict[str, str]],
+    counts: dict[str, int],
+) -> tuple[Load, dict[str, int]]:
+    """Short tokens again and callers on `rotation`, until REFRESHES_LOST refreshes more than
+    `counts` are stored on `node`: the load, and the versions `node` holds (which the store is
+    about to lose)."""
+    simulator.set(token_lifetime_seconds=LIFETIME_SECONDS)
+    load = Load(rotation, key, accounts)
+    await renewed_and_stored(node, simulator, accounts, counts, REFRESHES_LOST)
+    return load, stored_versions(node, list(accounts))
+
+
+async def written_back(
+    node: RedisNode, before: dict[str, int], since: float
+) -> tuple[float, dict[str, int]]:
+    """Wait until `node` holds every account's record of version `before` (or newer) again,
+    as the replicas write theirs back: the seconds from `since` (monotonic) until it did, and
+    the versions it held."""
+    names = list(before)
+    healed_in = 0.0
+    versions: dict[str, int] = {}
+
+    def healed() -> bool:
+        nonlocal healed_in
+        healed_in = time.monotonic() - since
+        versions.update(stored_versions(node, names))
+        return all(versions[name] >= before[name] for name in names)
+
+    await eventually(healed, within=10)
+    return healed_in, versions
+
+
+async def last_cycle(
+    load: Load,
+    simulator: SimulatorControl,
+    accounts: dict[str, dict[str, str]],
+    counts: dict[str, int],
+) -> tuple[LoadReport, UpstreamCounts, dict[str, int]]:
+    """One more refresh cycle under load, then the load's end: what the callers saw, the
+    simulator's counts, and each account's refreshes since `counts`."""
+    await asyncio.sleep(LIFETIME_SECONDS * FRACTION + 1)
+    report = await load.end()
+    total = UpstreamCounts.read(simulator)
+    after = {name: count - counts[name] for name, count in refreshes(simulator, accounts).items()}
+    return report, total, after
 
 
 @dataclass(frozen=True)
@@ -324,27 +374,16 @@ async def test_a_store_restarted_from_an_older_snapshot_gets_the_newer_records_b
     names = list(accounts)
     store = redis_nodes("redis")
     store.start()
-    e2e_simulator.set(
-        token_lifetime_seconds=LIFETIME_SECONDS,
-        rate_limit=LIMIT,
-        rate_period_seconds=PERIOD_SECONDS,
+    key, config, rotation = await start_fleet(
+        tmp_path, store, e2e_simulator, start_brokers, accounts
     )
-    key, digest = new_api_key()
-    config = write_config(
-        tmp_path / "broker.yaml", fleet_config(store.url, e2e_simulator.base_url, digest, accounts)
-    )
-    rotation = Rotation([broker.url for broker in start_brokers(config, 3)])
-    await long_lived_records(store, e2e_simulator, accounts)
     store.command("SAVE")
     snapshot = stored_versions(store, names)
     snapshot_refreshes = refreshes(e2e_simulator, accounts)
-    e2e_simulator.set(token_lifetime_seconds=LIFETIME_SECONDS)
 
-    stop = asyncio.Event()
-    callers = Callers(rotation, key, accounts, concurrency=8, pause=0.05)
-    load = asyncio.create_task(callers.run(until=stop))
-    await renewed_and_stored(store, e2e_simulator, accounts, snapshot_refreshes, REFRESHES_LOST)
-    before = stored_versions(store, names)
+    load, before = await load_past(
+        store, e2e_simulator, rotation, key, accounts, snapshot_refreshes
+    )
     store.kill()
     store.password = PASSWORD
     await asyncio.to_thread(store.start, args=("--requirepass", PASSWORD))
@@ -356,16 +395,7 @@ async def test_a_store_restarted_from_an_older_snapshot_gets_the_newer_records_b
     restart_refreshes = refreshes(e2e_simulator, accounts)
 
     joining = asyncio.create_task(asyncio.to_thread(start_brokers, config, 1))
-    healed_in = 0.0
-    healed_versions: dict[str, int] = {}
-
-    def healed() -> bool:
-        nonlocal healed_in
-        healed_in = time.monotonic() - restarted_at
-        healed_versions.update(stored_versions(store, names))
-        return all(healed_versions[name] >= before[name] for name in names)
-
-    await eventually(healed, within=10)
+    healed_in, healed_versions = await written_back(store, before, restarted_at)
     (joiner,) = await joining
     joined_in = time.monotonic() - restarted_at
     rotation.urls.append(joiner.url)
@@ -374,16 +404,7 @@ async def test_a_store_restarted_from_an_older_snapshot_gets_the_newer_records_b
     await refreshed_since(e2e_simulator, accounts, restart_refreshes, 1, within=15)
     # ... and a caller reporting the current token, at the replica that joined, gets another.
     replaced = await replace_current(joiner.url, key, names[0])
-    await asyncio.sleep(LIFETIME_SECONDS * FRACTION + 1)  # one more refresh cycle under load
-    stop.set()
-    await load
-
-    report = callers.report
-    total = UpstreamCounts.read(e2e_simulator)
-    after = {
-        name: count - restart_refreshes[name]
-        for name, count in refreshes(e2e_simulator, accounts).items()
-    }
+    report, total, after = await last_cycle(load, e2e_simulator, accounts, restart_refreshes)
     reliability(
         ReliabilityRow(
             scenario="store rolled back (snapshot)",
@@ -438,28 +459,15 @@ async def test_a_failover_that_lost_writes_gets_the_newer_records_back(
     standby = redis_nodes("standby")
     standby.start(args=("--replicaof", "127.0.0.1", str(master.port)))
     await eventually(standby.synced, within=15)
-    e2e_simulator.set(
-        token_lifetime_seconds=LIFETIME_SECONDS,
-        rate_limit=LIMIT,
-        rate_period_seconds=PERIOD_SECONDS,
-    )
-    key, digest = new_api_key()
-    config = write_config(
-        tmp_path / "broker.yaml", fleet_config(master.url, e2e_simulator.base_url, digest, accounts)
-    )
-    rotation = Rotation([broker.url for broker in start_brokers(config, 3)])
-    await long_lived_records(master, e2e_simulator, accounts)
+    key, _, rotation = await start_fleet(tmp_path, master, e2e_simulator, start_brokers, accounts)
     await eventually(lambda: stored_versions(standby, names) == stored_versions(master, names))
     standby.command("REPLICAOF", "NO", "ONE")  # from now on it misses every write
     detached = stored_versions(standby, names)
     detached_refreshes = refreshes(e2e_simulator, accounts)
-    e2e_simulator.set(token_lifetime_seconds=LIFETIME_SECONDS)
 
-    stop = asyncio.Event()
-    callers = Callers(rotation, key, accounts, concurrency=8, pause=0.05)
-    load = asyncio.create_task(callers.run(until=stop))
-    await renewed_and_stored(master, e2e_simulator, accounts, detached_refreshes, REFRESHES_LOST)
-    before = stored_versions(master, names)
+    load, before = await load_past(
+        master, e2e_simulator, rotation, key, accounts, detached_refreshes
+    )
     master.kill()
     killed_at = time.monotonic()
     successor = redis_nodes("successor", port=master.port)
@@ -472,28 +480,10 @@ async def test_a_failover_that_lost_writes_gets_the_newer_records_back(
     rolled_back_at, promoted_at = time.time(), time.monotonic()
     unavailable_for = promoted_at - killed_at
     promote_refreshes = refreshes(e2e_simulator, accounts)
-    healed_in = 0.0
-    healed_versions: dict[str, int] = {}
-
-    def healed() -> bool:
-        nonlocal healed_in
-        healed_in = time.monotonic() - promoted_at
-        healed_versions.update(stored_versions(successor, names))
-        return all(healed_versions[name] >= before[name] for name in names)
-
-    await eventually(healed, within=10)
+    healed_in, healed_versions = await written_back(successor, before, promoted_at)
     await refreshed_since(e2e_simulator, accounts, promote_refreshes, 1, within=15)
     replaced = await replace_current(rotation.urls[0], key, names[0])
-    await asyncio.sleep(LIFETIME_SECONDS * FRACTION + 1)  # one more refresh cycle under load
-    stop.set()
-    await load
-
-    report = callers.report
-    total = UpstreamCounts.read(e2e_simulator)
-    after = {
-        name: count - promote_refreshes[name]
-        for name, count in refreshes(e2e_simulator, accounts).items()
-    }
+    report, total, after = await last_cycle(load, e2e_simulator, accounts, promote_refreshes)
     reliability(
         ReliabilityRow(
             scenario="store failover lost writes",

@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.keys import new_api_key
 from service.simulator.client import SimulatorControl
 from tests.e2e.harness import (
     Callers,
@@ -14,7 +13,7 @@ from tests.e2e.harness import (
     Rotation,
     UpstreamCounts,
     account,
-    broker_config,
+    limited_config,
     upstream_results,
     write_config,
 )
@@ -51,22 +50,15 @@ async def test_upstream_trouble_is_retried_within_budget_while_callers_keep_thei
     number of times within the shared budget (no 429 from Monogoto's own limiter), callers
     keep the valid token meanwhile, a fresh token comes once Monogoto recovers, and the
     metrics count every attempt as Monogoto saw it."""
-    e2e_simulator.set(
-        token_lifetime_seconds=LIFETIME_SECONDS,
-        rate_limit=LIMIT,
-        rate_period_seconds=PERIOD_SECONDS,
-    )
-    key, digest = new_api_key()
-    config = broker_config(
+    key, config = limited_config(
+        e2e_simulator,
         redis_url,
-        e2e_simulator.base_url,
-        digest,
         ACCOUNTS,
-        upstream={
-            "timeout_seconds": TIMEOUT_SECONDS,
-            "auth_rate": {"limit": LIMIT, "period_seconds": PERIOD_SECONDS},
-        },
+        LIMIT,
+        PERIOD_SECONDS,
+        upstream={"timeout_seconds": TIMEOUT_SECONDS},
         refresh={"fraction": FRACTION, "min_remaining_seconds": 1},
+        lifetime=LIFETIME_SECONDS,
     )
     urls = [r.url for r in start_brokers(write_config(tmp_path / "broker.yaml", config), 3)]
     await eventually(lambda: UpstreamCounts.read(e2e_simulator).outcomes["ok"] == 1)
