@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from service import keys
 from service.config import ConfigError, config_path_from_env, load_settings
 
 EXIT_CONFIG_ERROR = 2
+# The token API's bound on min_ttl (7 days); the token command checks it before asking.
+MAX_MIN_TTL_SECONDS = 7 * 86400
 
 
 def _positive_float(text: str) -> float:
@@ -24,6 +26,22 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _seconds(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_MIN_TTL_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of seconds from 0 to {MAX_MIN_TTL_SECONDS}, got {text}"
+        )
     return value
 
 
@@ -125,6 +143,56 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", type=Path, help="config file (default: $BROKER_CONFIG)")
 
+    token = commands.add_parser(
+        "token",
+        help="print a valid token of an account, for scripts and cron jobs",
+        description="Ask a running broker for a token of ACCOUNT and print it alone on "
+        'standard output, e.g. curl -H "Authorization: Bearer $(monogoto-broker token '
+        'fleet-eu)". Exit codes: 0 printed, 2 usage, 3 refused by the broker (400, 401, 403, '
+        "404, 429), 4 broker or Monogoto unavailable (see docs/callers.md).",
+    )
+    token.add_argument("account", metavar="ACCOUNT", help="the configured account name")
+    token.add_argument(
+        "--broker",
+        metavar="URL",
+        help="the broker's base URL (default: $MONOGOTO_BROKER_URL, else http://127.0.0.1:8080)",
+    )
+    credential = token.add_mutually_exclusive_group()
+    credential.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="F",
+        help="file holding the caller key (default: $MONOGOTO_BROKER_API_KEY)",
+    )
+    credential.add_argument(
+        "--service-account-token-file",
+        type=Path,
+        metavar="F",
+        help="file holding a Kubernetes service-account token to authenticate with",
+    )
+    token.add_argument(
+        "--min-ttl",
+        type=_seconds,
+        default=0,
+        metavar="S",
+        help="the token must stay valid at least this many seconds (default 0)",
+    )
+    token.add_argument(
+        "--max-wait",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="S",
+        help="how long to keep asking while the broker answers 503 with Retry-After "
+        "(default 30; 0: ask once)",
+    )
+    token.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=15.0,
+        metavar="S",
+        help="timeout of each request to the broker (default 15)",
+    )
+
     commands.add_parser(
         "new-api-key",
         help="print a new caller key and, on a second line, its sha256: digest for the config",
@@ -156,41 +224,74 @@ def _check_config(path: Path | None) -> int:
     return 0
 
 
+def _simulator(args: argparse.Namespace) -> int:
+    from service.simulator.server import run_simulator  # noqa: PLC0415 (heavy import)
+
+    return run_simulator(
+        host=args.host,
+        port=args.port,
+        token_lifetime=args.token_lifetime,
+        refresh_lifetime=args.refresh_lifetime,
+        rate_limit=args.rate_limit,
+        rate_period=args.rate_period,
+        users_file=args.users,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.serving import run_serve  # noqa: PLC0415 (heavy import)
+
+    config = args.config or config_path_from_env()
+    return run_serve(config, host=args.host, port=args.port, workers=args.workers)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from service.dev import run_dev  # noqa: PLC0415 (heavy import)
+
+    return run_dev(host=args.host, port=args.port, redis_url=args.redis_url)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from service.token_command import run_token  # noqa: PLC0415 (not needed elsewhere)
+
+    return run_token(
+        args.account,
+        broker=args.broker,
+        key_file=args.key_file,
+        service_account_token_file=args.service_account_token_file,
+        min_ttl=args.min_ttl,
+        max_wait=args.max_wait,
+        timeout=args.timeout,
+    )
+
+
+def _new_api_key(_: argparse.Namespace) -> int:
+    key, digest = keys.new_api_key()
+    print(key)
+    print(digest)
+    return 0
+
+
+def _new_encryption_key(_: argparse.Namespace) -> int:
+    print(keys.new_encryption_key())
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "simulator": _simulator,
+    "serve": _serve,
+    "dev": _dev,
+    "check-config": lambda args: _check_config(args.config),
+    "token": _token,
+    "new-api-key": _new_api_key,
+    "new-encryption-key": _new_encryption_key,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _build_parser().parse_args(argv)
-    if args.command == "simulator":
-        from service.simulator.server import run_simulator  # noqa: PLC0415 (heavy import)
-
-        return run_simulator(
-            host=args.host,
-            port=args.port,
-            token_lifetime=args.token_lifetime,
-            refresh_lifetime=args.refresh_lifetime,
-            rate_limit=args.rate_limit,
-            rate_period=args.rate_period,
-            users_file=args.users,
-        )
-    if args.command == "serve":
-        from service.serving import run_serve  # noqa: PLC0415 (heavy import)
-
-        config = args.config or config_path_from_env()
-        return run_serve(config, host=args.host, port=args.port, workers=args.workers)
-    if args.command == "dev":
-        from service.dev import run_dev  # noqa: PLC0415 (heavy import)
-
-        return run_dev(host=args.host, port=args.port, redis_url=args.redis_url)
-    if args.command == "check-config":
-        return _check_config(args.config)
-    if args.command == "new-api-key":
-        key, digest = keys.new_api_key()
-        print(key)
-        print(digest)
-        return 0
-    if args.command == "new-encryption-key":
-        print(keys.new_encryption_key())
-        return 0
-    raise AssertionError(f"unhandled command {args.command}")  # argparse rejects unknown ones
+    return _COMMANDS[args.command](args)  # argparse accepts no other command
 
 
 if __name__ == "__main__":
