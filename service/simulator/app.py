@@ -1,4 +1,4 @@
-"""The simulator's HTTP surface: the public auth endpoints and the app factory."""
+"""The simulator's HTTP surface: the auth endpoints, the protected endpoints, the app factory."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import asyncio
 import json
 from typing import Any
 
-from litestar import Controller, Litestar, Request, Response, post
+from litestar import Controller, Litestar, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Send
 
 from service.simulator.auth import Answer, answer
 from service.simulator.control import ControlController
-from service.simulator.faults import Endpoint
+from service.simulator.faults import ApiEndpoint, AuthEndpoint
+from service.simulator.protected import LEGACY_THINGS_PATH, V1_THINGS_PATH, protected_answer
 from service.simulator.state import SimulatorState
 
 
@@ -52,14 +53,23 @@ def _response(result: Answer) -> Response[Any]:
     )
 
 
-async def _serve(
-    request: Request[Any, Any, Any], sim: SimulatorState, endpoint: Endpoint
-) -> Response[Any]:
-    client = request.client.host if request.client else "unknown"
-    result = answer(sim, endpoint, client, await request.body())
+async def _deliver(result: Answer) -> Response[Any]:
     if result.delay > 0:
         await asyncio.sleep(result.delay)
     return _response(result)
+
+
+async def _serve(
+    request: Request[Any, Any, Any], sim: SimulatorState, endpoint: AuthEndpoint
+) -> Response[Any]:
+    client = request.client.host if request.client else "unknown"
+    return await _deliver(answer(sim, endpoint, client, await request.body()))
+
+
+async def _serve_protected(
+    request: Request[Any, Any, Any], sim: SimulatorState, endpoint: ApiEndpoint
+) -> Response[Any]:
+    return await _deliver(protected_answer(sim, endpoint, request.headers.get("authorization")))
 
 
 class AuthController(Controller):
@@ -89,6 +99,26 @@ class AuthController(Controller):
         return await _serve(request, sim, "v1_refresh")
 
 
+class ProtectedController(Controller):
+    """Stand-ins for Monogoto's API beyond auth: they only check the bearer token."""
+
+    path = "/"
+
+    @get(LEGACY_THINGS_PATH, operation_id="legacyThings")
+    async def legacy_things(
+        self, request: Request[Any, Any, Any], sim: NamedDependency[SimulatorState]
+    ) -> Response[Any]:
+        """Legacy console API: the user's things, for a token from `POST /Auth`."""
+        return await _serve_protected(request, sim, "legacy_things")
+
+    @get(V1_THINGS_PATH, operation_id="v1Things")
+    async def v1_things(
+        self, request: Request[Any, Any, Any], sim: NamedDependency[SimulatorState]
+    ) -> Response[Any]:
+        """v1 API: the user's things, for an access token from `/v1/auth/token` or refresh."""
+        return await _serve_protected(request, sim, "v1_things")
+
+
 def create_simulator_app(state: SimulatorState) -> Litestar:
     """Build the simulator's ASGI app around `state`."""
 
@@ -96,7 +126,7 @@ def create_simulator_app(state: SimulatorState) -> Litestar:
         return state
 
     return Litestar(
-        route_handlers=[AuthController, ControlController],
+        route_handlers=[AuthController, ProtectedController, ControlController],
         dependencies={"sim": Provide(provide_sim, sync_to_thread=False)},
         openapi_config=None,
     )

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from service.simulator.faults import Endpoint, FaultRule
+from service.simulator.faults import AuthEndpoint, FaultRule
 from service.simulator.state import Outcome, SimulatorState
-from service.simulator.tokens import bad_claims_token, identity, opaque_token
+from service.simulator.tokens import Dialect, bad_claims_token, identity, opaque_token
 
 JSON = "application/json"
 TEXT = "text/plain"
@@ -18,7 +18,7 @@ HTML = "text/html"
 ACCESS_DENIED = "Access denied"
 TOO_MANY_REQUESTS = "Too Many Requests"
 
-_FIELDS: dict[Endpoint, tuple[str, ...]] = {
+_FIELDS: dict[AuthEndpoint, tuple[str, ...]] = {
     "legacy_auth": ("UserName", "Password"),
     "v1_token": ("username", "password"),
     "v1_refresh": ("refresh_token",),
@@ -27,12 +27,12 @@ _FIELDS: dict[Endpoint, tuple[str, ...]] = {
 
 @dataclass(slots=True)
 class Answer:
-    """An auth endpoint's response, and how to deliver it."""
+    """An endpoint's response, and how to deliver it."""
 
     outcome: Outcome
     user: str
     status: int
-    content: dict[str, Any] | str
+    content: dict[str, Any] | list[Any] | str
     media_type: str = JSON
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds to wait before answering
@@ -46,7 +46,7 @@ class _Call:
     problem: str = ""
 
 
-def answer(sim: SimulatorState, endpoint: Endpoint, client: str, body: bytes) -> Answer:
+def answer(sim: SimulatorState, endpoint: AuthEndpoint, client: str, body: bytes) -> Answer:
     """Rate-limit, fault-inject, handle and count one call to `endpoint` from `client`.
 
     The call's effects (a spent refresh token) happen here, before any delay or dropped
@@ -70,13 +70,13 @@ def answer(sim: SimulatorState, endpoint: Endpoint, client: str, body: bytes) ->
 
 
 def _with_fault(
-    sim: SimulatorState, endpoint: Endpoint, call: _Call, fault: FaultRule | None
+    sim: SimulatorState, endpoint: AuthEndpoint, call: _Call, fault: FaultRule | None
 ) -> Answer:
     if fault is None:
         return _handle(sim, endpoint, call)
     if fault.kind == "status":
         status = fault.status or 500  # FaultRule guarantees a status for this kind
-        result = Answer("injected_status", call.user, status, {"message": _phrase(status)})
+        result = Answer("injected_status", call.user, status, {"message": phrase(status)})
         if fault.retry_after is not None:
             result.headers["Retry-After"] = str(fault.retry_after)
         return result
@@ -90,7 +90,7 @@ def _with_fault(
     return result
 
 
-def _handle(sim: SimulatorState, endpoint: Endpoint, call: _Call) -> Answer:
+def _handle(sim: SimulatorState, endpoint: AuthEndpoint, call: _Call) -> Answer:
     if call.fields is None:
         return Answer("malformed", call.user, 400, {"message": call.problem})
     if endpoint == "v1_refresh":
@@ -101,7 +101,8 @@ def _handle(sim: SimulatorState, endpoint: Endpoint, call: _Call) -> Answer:
             return Answer("rejected", username, 404, ACCESS_DENIED, media_type=TEXT)
         return Answer("rejected", username, 401, {"message": "Invalid username or password"})
     if endpoint == "legacy_auth":
-        return Answer("ok", username, 200, _legacy_body(username, _access(sim, username)))
+        token = _access(sim, username, "legacy")
+        return Answer("ok", username, 200, _legacy_body(username, token))
     return Answer("ok", username, 200, _v1_pair(sim, username))
 
 
@@ -109,12 +110,14 @@ def _refresh(sim: SimulatorState, token: str) -> Answer:
     redemption = sim.tokens.redeem(token, skew=sim.settings.clock_skew_seconds)
     if redemption.outcome == "ok":
         return Answer("ok", redemption.user, 200, _v1_pair(sim, redemption.user))
-    reused = redemption.outcome == "refresh_reused"
-    message = "Refresh token already used" if reused else "Invalid refresh token"
+    message = {
+        "refresh_reused": "Refresh token already used",
+        "refresh_revoked": "Refresh token has been revoked",
+    }.get(redemption.outcome, "Invalid refresh token")
     return Answer(redemption.outcome, redemption.user, 401, {"message": message})
 
 
-def _garbage(sim: SimulatorState, endpoint: Endpoint, user: str, kind: str) -> Answer:
+def _garbage(sim: SimulatorState, endpoint: AuthEndpoint, user: str, kind: str) -> Answer:
     legacy = endpoint == "legacy_auth"
     if kind == "not_json":
         page = "<html><body><h1>Service temporarily unavailable</h1></body></html>"
@@ -125,7 +128,10 @@ def _garbage(sim: SimulatorState, endpoint: Endpoint, user: str, kind: str) -> A
     settings = sim.settings
     if kind == "expired_token":
         token = sim.tokens.expired_access_token(
-            user, lifetime=settings.token_lifetime_seconds, skew=settings.clock_skew_seconds
+            user,
+            lifetime=settings.token_lifetime_seconds,
+            skew=settings.clock_skew_seconds,
+            dialect="legacy" if legacy else "v1",
         )
     else:
         token = opaque_token() if kind == "opaque_token" else bad_claims_token()
@@ -144,7 +150,7 @@ def json_object(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def _parse(sim: SimulatorState, endpoint: Endpoint, body: bytes) -> _Call:
+def _parse(sim: SimulatorState, endpoint: AuthEndpoint, body: bytes) -> _Call:
     names = _FIELDS[endpoint]
     try:
         payload = json_object(body)
@@ -159,10 +165,13 @@ def _parse(sim: SimulatorState, endpoint: Endpoint, body: bytes) -> _Call:
     return _Call(user, {name: payload[name] for name in names})
 
 
-def _access(sim: SimulatorState, username: str) -> str:
+def _access(sim: SimulatorState, username: str, dialect: Dialect) -> str:
     settings = sim.settings
     return sim.tokens.access_token(
-        username, lifetime=settings.token_lifetime_seconds, skew=settings.clock_skew_seconds
+        username,
+        lifetime=settings.token_lifetime_seconds,
+        skew=settings.clock_skew_seconds,
+        dialect=dialect,
     )
 
 
@@ -173,7 +182,7 @@ def _v1_pair(sim: SimulatorState, username: str, *, access: str | None = None) -
     )
     return {
         "token_type": "Bearer",
-        "access_token": access or _access(sim, username),
+        "access_token": access or _access(sim, username, "v1"),
         "refresh_token": refresh,
     }
 
@@ -201,7 +210,8 @@ def _legacy_body(username: str, token: str) -> dict[str, Any]:
     }
 
 
-def _phrase(status: int) -> str:
+def phrase(status: int) -> str:
+    """The reason phrase of an HTTP status, for injected status faults."""
     try:
         return HTTPStatus(status).phrase
     except ValueError:

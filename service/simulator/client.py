@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, cast
+from urllib.parse import quote
 
 import httpx
 
@@ -86,6 +87,13 @@ class SimulatorControl:
     def clear_faults(self) -> None:
         """Remove every fault rule."""
         self._check(self._http.delete("/faults"))
+
+    def revoke(self, username: str) -> None:
+        """Revoke every token issued to `username` so far (access and refresh, both dialects).
+
+        Tokens issued afterwards are valid. An unknown user raises SimulatorControlError (404).
+        """
+        self._check(self._http.post(f"/users/{quote(username, safe='')}/revoke"))
 
     def reset(self) -> None:
         """Clear counters, faults and rate-limit logs; restore the startup settings."""

@@ -14,7 +14,9 @@ from service.simulator.state import SimulatorState, Stats
 
 
 class ControlError(Exception):
-    """Invalid control input; answered with 400 and the reasons."""
+    """Invalid control input; answered with 400 (or its `status`) and the reasons."""
+
+    status = 400
 
     def __init__(self, message: str, errors: list[str] | None = None) -> None:
         super().__init__(message)
@@ -22,8 +24,17 @@ class ControlError(Exception):
         self.errors = errors or []
 
 
+class UnknownUserError(ControlError):
+    """A control call named a user the simulator does not know; answered with 404."""
+
+    status = 404
+
+
 def _control_error(_: Request[Any, Any, Any], error: ControlError) -> Response[dict[str, Any]]:
-    return Response({"message": error.message, "errors": error.errors}, status_code=400)
+    return Response(
+        {"message": error.message, "errors": error.errors},
+        status_code=error.status,
+    )
 
 
 async def _json_object(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -41,7 +52,7 @@ def _problems(error: ValidationError) -> list[str]:
 
 
 class ControlController(Controller):
-    """Counters, runtime settings, fault rules and reset; not part of Monogoto's API."""
+    """Counters, settings, fault rules, revocation and reset; not part of Monogoto's API."""
 
     path = "/_sim"
     exception_handlers = {ControlError: _control_error}  # noqa: RUF012 (Litestar reads it from the class)
@@ -94,6 +105,12 @@ class ControlController(Controller):
     async def clear_faults(self, sim: NamedDependency[SimulatorState]) -> None:
         """Remove every fault rule."""
         sim.faults.clear()
+
+    @post("/users/{username:str}/revoke", operation_id="simRevokeUser", status_code=204)
+    async def revoke_user(self, username: str, sim: NamedDependency[SimulatorState]) -> None:
+        """Revoke every token issued to the user so far (access and refresh, both dialects)."""
+        if not sim.revoke(username):
+            raise UnknownUserError(f"unknown user: {username}")
 
     @post("/reset", operation_id="simReset", status_code=204)
     async def reset(self, sim: NamedDependency[SimulatorState]) -> None:

@@ -1,13 +1,17 @@
-"""Injected faults: rules that make the next matching auth calls misbehave."""
+"""Injected faults: rules that make the next matching calls misbehave."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-Endpoint = Literal["legacy_auth", "v1_token", "v1_refresh"]
+AuthEndpoint = Literal["legacy_auth", "v1_token", "v1_refresh"]
+# The protected endpoints stand in for Monogoto's API beyond auth (docs/simulator.md).
+ApiEndpoint = Literal["legacy_things", "v1_things"]
+Endpoint = Literal[AuthEndpoint, ApiEndpoint]
+AUTH_ENDPOINTS: frozenset[str] = frozenset(get_args(AuthEndpoint))
 FaultKind = Literal["status", "delay", "drop", "garbage"]
 GarbageBody = Literal["not_json", "missing_fields", "expired_token", "opaque_token", "bad_claims"]
 # A Retry-After given as a string is sent verbatim ("inf", "1e9", an HTTP date, nonsense), to
@@ -49,7 +53,16 @@ class FaultRule(BaseModel):
             raise ValueError(f"kind {self.kind!r} needs {', '.join(missing)}")
         if extra := sorted(given - allowed):
             raise ValueError(f"kind {self.kind!r} does not take {', '.join(extra)}")
+        if self.kind == "garbage" and self.endpoint not in (None, *AUTH_ENDPOINTS):
+            # Every garbage body is a broken login answer; a protected endpoint has none.
+            raise ValueError(f"kind 'garbage' applies to auth endpoints only, not {self.endpoint}")
         return self
+
+    def matches(self, endpoint: Endpoint) -> bool:
+        """Whether a call to `endpoint` uses this rule; a rule without endpoint: any auth call."""
+        if self.endpoint is None:
+            return endpoint in AUTH_ENDPOINTS
+        return self.endpoint == endpoint
 
 
 @dataclass(slots=True)
@@ -73,7 +86,7 @@ class FaultBook:
     def take(self, endpoint: Endpoint) -> FaultRule | None:
         """Use up one use of the first rule matching `endpoint` that has uses left."""
         for armed in self._armed:
-            if armed.remaining and armed.rule.endpoint in (None, endpoint):
+            if armed.remaining and armed.rule.matches(endpoint):
                 armed.remaining -= 1
                 return armed.rule
         return None

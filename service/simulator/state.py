@@ -20,7 +20,12 @@ Outcome = Literal[
     "malformed",
     "rate_limited",
     "refresh_reused",
+    "refresh_revoked",
     "refresh_invalid",
+    "token_missing",
+    "token_invalid",
+    "token_expired",
+    "token_revoked",
     "injected_status",
     "dropped",
     "garbage",
@@ -95,8 +100,15 @@ class SimulatorState:
         )
 
     def count(self, endpoint: Endpoint, user: str, outcome: Outcome) -> None:
-        """Record one answered (or refused) auth call."""
+        """Record one answered (or refused) call to an auth or protected endpoint."""
         self._counts[endpoint, user, outcome] += 1
+
+    def revoke(self, username: str) -> bool:
+        """Revoke every token issued to a known user so far; False if the user is unknown."""
+        if username not in self.users:
+            return False
+        self.tokens.revoke(username)
+        return True
 
     def stats(self) -> Stats:
         """Every call counted so far, per endpoint, user and outcome, plus totals."""
@@ -113,7 +125,8 @@ class SimulatorState:
     def reset(self) -> None:
         """Clear counters, faults and rate-limit logs and restore the startup settings.
 
-        Users and issued tokens survive: a client holding a token keeps a valid one.
+        Users, issued tokens and revocations survive: a client holding a token keeps a valid
+        one, and a revoked token stays revoked.
         """
         self._counts.clear()
         self.faults.clear()

@@ -1,4 +1,4 @@
-"""Signed tokens, per-user identities and single-use refresh tokens."""
+"""Signed tokens, per-user identities, single-use refresh tokens and revocation."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ _ALGORITHM = "HS256"
 _RETENTION_SECONDS = 24 * 3600
 _EXPIRED_AGO_SECONDS = 24 * 3600
 
-RedeemOutcome = Literal["ok", "refresh_reused", "refresh_invalid"]
+Dialect = Literal["legacy", "v1"]
+RedeemOutcome = Literal["ok", "refresh_reused", "refresh_revoked", "refresh_invalid"]
+# token_missing: no bearer token at all, decided before a token is looked at.
+AccessOutcome = Literal["ok", "token_missing", "token_invalid", "token_expired", "token_revoked"]
+_API_NAMES: dict[str, str] = {"legacy": "the legacy API", "v1": "the v1 API"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,15 @@ class Redemption:
     user: str
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a presented access token is worth; `user` is its owner or "-", `reason` says why."""
+
+    outcome: AccessOutcome
+    user: str
+    reason: str
+
+
 def _numeric(value: float) -> int | float:
     return int(value) if value == int(value) else value
 
@@ -66,23 +79,30 @@ class TokenIssuer:
         self._usable: dict[str, str] = {}  # jti -> owner
         self._spent: dict[str, str] = {}  # jti -> owner, kept past expiry to recognise reuse
         self._expiries: list[tuple[float, str]] = []  # heap of (exp, jti) over both dicts
+        # user -> how often their tokens were revoked. Every token carries its user's count at
+        # issue as `epoch`; one from an older epoch is revoked. Costs nothing per token.
+        self._epochs: dict[str, int] = {}
 
-    def access_token(self, username: str, *, lifetime: float, skew: float = 0.0) -> str:
+    def access_token(
+        self, username: str, *, lifetime: float, skew: float = 0.0, dialect: Dialect = "v1"
+    ) -> str:
         """A signed access token valid for `lifetime` seconds from the (skewed) server clock."""
         iat = int(self._clock() + skew)
-        return self._sign(username, "access", iat, lifetime)[0]
+        return self._sign(username, "access", dialect, iat, lifetime)[0]
 
-    def expired_access_token(self, username: str, *, lifetime: float, skew: float = 0.0) -> str:
+    def expired_access_token(
+        self, username: str, *, lifetime: float, skew: float = 0.0, dialect: Dialect = "v1"
+    ) -> str:
         """A well-formed access token whose `exp` lies a day in the past."""
         # Far enough back that no client can mistake it for mere clock skew.
         exp = int(self._clock() + skew) - _EXPIRED_AGO_SECONDS
-        return self._sign(username, "access", exp - lifetime, lifetime)[0]
+        return self._sign(username, "access", dialect, exp - lifetime, lifetime)[0]
 
     def refresh_token(self, username: str, *, lifetime: float, skew: float = 0.0) -> str:
-        """A signed refresh token that can be redeemed once."""
+        """A signed (v1) refresh token that can be redeemed once."""
         self._forget(expired_before=self._clock() - _RETENTION_SECONDS)
         iat = int(self._clock() + skew)
-        token, jti = self._sign(username, "refresh", iat, lifetime)
+        token, jti = self._sign(username, "refresh", "v1", iat, lifetime)
         self._usable[jti] = username
         heapq.heappush(self._expiries, (iat + lifetime, jti))
         return token
@@ -91,8 +111,34 @@ class TokenIssuer:
         """The user a refresh token was issued to, or "-" if it is not one of ours."""
         return _owner(self._claims(token))
 
+    def revoke(self, username: str) -> None:
+        """Revoke every token issued to `username` so far; tokens issued later are valid."""
+        self._epochs[username] = self._epoch(username) + 1
+
+    def verify_access(self, token: str, *, dialect: Dialect, skew: float = 0.0) -> Verdict:
+        """Judge a bearer token presented to a protected endpoint of `dialect`.
+
+        Invalid unless it is an access token this issuer signed for `dialect`; then expired
+        (on the skewed clock) before revoked before ok.
+        """
+        claims = self._claims(token)
+        if not claims:
+            return Verdict("token_invalid", "-", "Invalid access token (not issued by this API)")
+        user = _owner(claims)
+        if claims["typ"] != "access":
+            return Verdict("token_invalid", user, "Invalid access token (a refresh token)")
+        if claims["dialect"] != dialect:
+            issued_for = _API_NAMES.get(str(claims["dialect"]), "another API")
+            return Verdict("token_invalid", user, f"Invalid access token (issued for {issued_for})")
+        if float(claims["exp"]) <= self._clock() + skew:
+            return Verdict("token_expired", user, "Access token has expired")
+        if self._revoked(claims):
+            return Verdict("token_revoked", user, "Access token has been revoked")
+        return Verdict("ok", user, "")
+
     def redeem(self, token: str, *, skew: float = 0.0) -> Redemption:
-        """Spend a refresh token: ok once, reused after that, invalid if unknown or expired."""
+        """Spend a refresh token: ok once, reused after that, revoked after the user's tokens
+        were revoked, invalid if unknown or expired."""
         self._forget(expired_before=self._clock() - _RETENTION_SECONDS)
         now = self._clock() + skew
         claims = self._claims(token)
@@ -103,12 +149,22 @@ class TokenIssuer:
             return Redemption("refresh_invalid", user)
         if jti in self._spent:
             return Redemption("refresh_reused", user)
+        if self._revoked(claims):
+            return Redemption("refresh_revoked", user)
         if self._usable.pop(jti, None) is None:
             return Redemption("refresh_invalid", user)
         self._spent[jti] = user
         return Redemption("ok", user)
 
-    def _sign(self, username: str, typ: str, iat: float, lifetime: float) -> tuple[str, str]:
+    def _epoch(self, username: str) -> int:
+        return self._epochs.get(username, 0)
+
+    def _revoked(self, claims: dict[str, Any]) -> bool:
+        return int(claims["epoch"]) < self._epoch(_owner(claims))
+
+    def _sign(
+        self, username: str, typ: str, dialect: Dialect, iat: float, lifetime: float
+    ) -> tuple[str, str]:
         jti = secrets.token_hex(16)
         claims: dict[str, Any] = {
             "iss": ISSUER,
@@ -117,6 +173,8 @@ class TokenIssuer:
             "exp": _numeric(iat + lifetime),
             "jti": jti,
             "typ": typ,
+            "dialect": dialect,
+            "epoch": self._epoch(username),
             "CustomerId": identity(username).customer_id,
         }
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM), jti
@@ -134,7 +192,7 @@ class TokenIssuer:
                     "verify_exp": False,
                     "verify_iat": False,
                     "verify_nbf": False,
-                    "require": ["sub", "exp", "jti"],
+                    "require": ["sub", "exp", "jti", "typ", "dialect", "epoch"],
                 },
             )
         except jwt.InvalidTokenError:

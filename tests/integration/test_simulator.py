@@ -615,3 +615,319 @@ def test_control_rejects_non_json(http: httpx.Client) -> None:
     """Control endpoints answer 400 to a body that is not a JSON object."""
     assert http.put("/_sim/settings", content=b"rate_limit=1").status_code == 400
     assert http.post("/_sim/faults", content=b"[]").status_code == 400
+
+
+# --- protected endpoints ----------------------------------------------------------------
+
+THINGS = {"legacy": "/things", "v1": "/v1/things"}
+DIALECTS = ["legacy", "v1"]
+OTHER = {"legacy": "v1", "v1": "legacy"}
+
+
+LOGIN_ENDPOINT = {"legacy": "legacy_auth", "v1": "v1_token"}
+
+
+def access_token(
+    http: httpx.Client, dialect: str, user: str = DEMO_USERNAME, password: str = DEMO_PASSWORD
+) -> str:
+    """Log in through `dialect` (as the demo user by default); the access token."""
+    if dialect == "legacy":
+        return str(legacy(http, user, password).json()["token"])
+    return str(v1(http, user, password).json()["access_token"])
+
+
+def things(
+    http: httpx.Client, dialect: str, token: str | None, *, scheme: str = "Bearer"
+) -> httpx.Response:
+    headers = {} if token is None else {"Authorization": f"{scheme} {token}"}
+    return http.get(THINGS[dialect], headers=headers)
+
+
+def assert_refused(response: httpx.Response, dialect: str, reason: str) -> None:
+    """A 401 in the dialect's error shape whose message contains `reason` (case-insensitive)."""
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    if dialect == "legacy":
+        assert response.headers["content-type"].startswith("text/plain")
+        assert response.text.startswith("Access denied: ")
+        message = response.text
+    else:
+        assert response.headers["content-type"].startswith("application/json")
+        body = response.json()
+        assert body.keys() == {"status_code", "message", "request_id"}
+        assert body["status_code"] == 401
+        assert body["request_id"]
+        message = body["message"]
+    assert reason.lower() in message.lower()
+
+
+@pytest.fixture(scope="module")
+def own_simulator_url(start_simulator: Callable[..., SimulatorProcess]) -> str:
+    """A simulator for this module alone (demo user only): revocations there touch no other test."""
+    return start_simulator().url
+
+
+@pytest.fixture
+def own(own_simulator_url: str) -> Iterator[SimulatorControl]:
+    """Control of this module's own simulator, reset for the test (revocations stay)."""
+    with SimulatorControl(own_simulator_url) as control:
+        control.reset()
+        yield control
+
+
+@pytest.fixture
+def own_http(own: SimulatorControl) -> Iterator[httpx.Client]:
+    """A plain HTTP client of this module's own simulator."""
+    with httpx.Client(base_url=own.base_url, timeout=10) as client:
+        yield client
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_valid_access_token_lists_the_users_things(
+    http: httpx.Client, simulator: SimulatorControl, dialect: str
+) -> None:
+    """A fresh access token of the dialect gets 200 and that user's things, counted as ok."""
+    response = things(http, dialect, access_token(http, dialect))
+    assert response.status_code == 200
+    body = response.json()
+    if dialect == "legacy":
+        assert isinstance(body, list)
+        assert body
+        assert {"ThingId", "CustomerId", "ThingName", "ExternalUniqueId", "State"} <= set(body[0])
+        assert body[0]["ThingId"] == f"ThingId_ICCID_{body[0]['ExternalUniqueId']}"
+        customer = body[0]["CustomerId"]
+    else:
+        assert body.keys() == {"customer_id", "things", "total"}
+        assert body["total"] == len(body["things"]) > 0
+        assert {"thing_id", "iccid", "name", "imei", "state"} <= set(body["things"][0])
+        customer = body["customer_id"]
+    assert customer == legacy(http).json()["CustomerId"]
+    assert simulator.calls(f"{dialect}_things", "ok", user=DEMO_USERNAME) == 1
+
+
+def test_each_user_gets_its_own_stable_things(
+    http: httpx.Client, simulator_users: dict[str, str]
+) -> None:
+    """The same user always sees the same things; another user sees others."""
+    first = things(http, "v1", access_token(http, "v1")).json()
+    again = things(http, "v1", access_token(http, "v1")).json()
+    ops = "ops@example.com"
+    other = things(http, "v1", access_token(http, "v1", ops, simulator_users[ops])).json()
+    assert first == again
+    assert {t["iccid"] for t in first["things"]}.isdisjoint(t["iccid"] for t in other["things"])
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize(
+    "value", [None, "", "Bearer", "Basic ZGVtbzpkZW1v", "Token abc", "Bearer two words"]
+)
+def test_missing_or_malformed_authorization_is_401(
+    http: httpx.Client, simulator: SimulatorControl, dialect: str, value: str | None
+) -> None:
+    """No Authorization header, or one that is not `Bearer <token>`: 401, token_missing."""
+    headers = {} if value is None else {"Authorization": value}
+    response = http.get(THINGS[dialect], headers=headers)
+    assert_refused(response, dialect, "missing or malformed authorization header")
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert simulator.calls(f"{dialect}_things", "token_missing", user="-") == 1
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_bearer_scheme_is_case_insensitive(http: httpx.Client, dialect: str) -> None:
+    """`bearer` works like `Bearer` (RFC 9110 auth schemes are case-insensitive)."""
+    assert things(http, dialect, access_token(http, dialect), scheme="bearer").status_code == 200
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_forged_and_garbage_tokens_are_401_invalid(
+    http: httpx.Client, simulator: SimulatorControl, dialect: str
+) -> None:
+    """A token with our claims but another key, or no JWT at all: 401, token_invalid, user -."""
+    genuine = claims(access_token(http, dialect))
+    forged = jwt.encode(genuine, "not-the-simulator-secret-but-long-enough", algorithm="HS256")
+    tampered = access_token(http, dialect)[:-4] + "AAAA"
+    for token in (forged, tampered, "garbage", "a.b.c"):
+        response = things(http, dialect, token)
+        assert_refused(response, dialect, "not issued by this API")
+        assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    assert simulator.calls(f"{dialect}_things", "token_invalid", user="-") == 4
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_other_dialects_token_is_401_invalid(
+    http: httpx.Client, simulator: SimulatorControl, dialect: str
+) -> None:
+    """A valid access token of the other dialect is refused, saying which API issued it."""
+    response = things(http, dialect, access_token(http, OTHER[dialect]))
+    issued_for = "legacy API" if OTHER[dialect] == "legacy" else "v1 API"
+    assert_refused(response, dialect, f"issued for the {issued_for}")
+    assert simulator.calls(f"{dialect}_things", "token_invalid", user=DEMO_USERNAME) == 1
+
+
+def test_refresh_token_is_not_an_access_token(
+    http: httpx.Client, simulator: SimulatorControl
+) -> None:
+    """A v1 refresh token presented as a bearer token gets 401, token_invalid (either dialect)."""
+    token = v1(http).json()["refresh_token"]
+    for dialect in DIALECTS:
+        assert_refused(things(http, dialect, token), dialect, "a refresh token")
+        assert simulator.calls(f"{dialect}_things", "token_invalid", user=DEMO_USERNAME) == 1
+    assert refresh(http, token).status_code == 200  # it is still a usable refresh token
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_expired_access_token_is_401_expired(
+    http: httpx.Client, simulator: SimulatorControl, dialect: str
+) -> None:
+    """With a 1 s token lifetime the token works until it has expired, then 401 expired."""
+    simulator.set(token_lifetime_seconds=1)
+    token = access_token(http, dialect)
+    time.sleep(1.05)  # exp = whole-second iat + 1 <= issue time + 1
+    assert_refused(things(http, dialect, token), dialect, "expired")
+    assert simulator.calls(f"{dialect}_things", "token_expired", user=DEMO_USERNAME) == 1
+
+
+def test_expiry_is_judged_by_the_simulators_clock(
+    http: httpx.Client, simulator: SimulatorControl
+) -> None:
+    """Moving the clock skew past exp expires a token; moving it back makes it valid again."""
+    token = access_token(http, "v1")
+    simulator.set(clock_skew_seconds=4 * 3600)
+    assert_refused(things(http, "v1", token), "v1", "expired")
+    simulator.set(clock_skew_seconds=0)
+    assert things(http, "v1", token).status_code == 200
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_garbage_fault_expired_token_is_401_expired(
+    http: httpx.Client, simulator: SimulatorControl, dialect: str
+) -> None:
+    """The `expired_token` garbage body hands out a token the protected endpoint calls expired."""
+    simulator.fault("garbage", endpoint=LOGIN_ENDPOINT[dialect], body="expired_token")
+    assert_refused(things(http, dialect, access_token(http, dialect)), dialect, "expired")
+
+
+def test_revoke_refuses_every_earlier_token_and_a_new_login_works(
+    own: SimulatorControl, own_http: httpx.Client
+) -> None:
+    """After a revoke, the user's access tokens (both dialects) and refresh tokens are refused;
+    tokens issued afterwards work."""
+    legacy_token = access_token(own_http, "legacy")
+    pair = v1(own_http).json()
+    assert things(own_http, "v1", pair["access_token"]).status_code == 200
+
+    own.revoke(DEMO_USERNAME)
+
+    assert_refused(things(own_http, "legacy", legacy_token), "legacy", "revoked")
+    assert_refused(things(own_http, "v1", pair["access_token"]), "v1", "revoked")
+    refused = refresh(own_http, pair["refresh_token"])
+    assert refused.status_code == 401
+    assert "revoked" in refused.json()["message"]
+    assert own.calls("v1_refresh", "refresh_revoked", user=DEMO_USERNAME) == 1
+    for dialect in DIALECTS:
+        assert own.calls(f"{dialect}_things", "token_revoked", user=DEMO_USERNAME) == 1
+        assert things(own_http, dialect, access_token(own_http, dialect)).status_code == 200
+    new_pair = v1(own_http).json()
+    renewed = refresh(own_http, new_pair["refresh_token"])
+    assert renewed.status_code == 200
+    assert things(own_http, "v1", renewed.json()["access_token"]).status_code == 200
+
+
+def test_revoked_tokens_stay_revoked_after_a_reset(
+    own: SimulatorControl, own_http: httpx.Client
+) -> None:
+    """A reset keeps issued tokens valid and revoked ones revoked."""
+    token = access_token(own_http, "v1")
+    own.revoke(DEMO_USERNAME)
+    own.reset()
+    assert_refused(things(own_http, "v1", token), "v1", "revoked")
+
+
+def test_revoke_unknown_user_is_404(own: SimulatorControl, own_http: httpx.Client) -> None:
+    """Revoking a user the simulator does not know: 404 with a message; the client raises."""
+    response = own_http.post("/_sim/users/nobody@example.com/revoke")
+    assert response.status_code == 404
+    assert "nobody@example.com" in response.json()["message"]
+    with pytest.raises(SimulatorControlError, match="404"):
+        own.revoke("nobody@example.com")
+
+
+def test_protected_calls_are_counted_per_outcome(
+    http: httpx.Client, simulator: SimulatorControl
+) -> None:
+    """Stats list protected calls under their own endpoint names, with totals."""
+    token = access_token(http, "v1")
+    things(http, "v1", token)
+    things(http, "v1", token)
+    things(http, "v1", None)
+    things(http, "legacy", token)
+    assert simulator.stats()["totals"] == {
+        "v1_token": {"ok": 1},
+        "v1_things": {"ok": 2, "token_missing": 1},
+        "legacy_things": {"token_invalid": 1},
+    }
+
+
+def test_protected_endpoints_are_not_rate_limited(
+    http: httpx.Client, simulator: SimulatorControl
+) -> None:
+    """The auth rate limit does not apply to protected endpoints, nor do they use it up."""
+    simulator.set(rate_limit=1)
+    token = access_token(http, "v1")
+    responses = [things(http, "v1", token) for _ in range(5)]
+    assert [response.status_code for response in responses] == [200] * 5
+    assert "X-RateLimit-Limit" not in responses[0].headers
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_status_fault_on_a_protected_endpoint(
+    http: httpx.Client, simulator: SimulatorControl, dialect: str
+) -> None:
+    """A status rule naming a protected endpoint answers that status in the dialect's shape."""
+    token = access_token(http, dialect)
+    simulator.fault("status", endpoint=f"{dialect}_things", status=503, retry_after=3)
+    response = things(http, dialect, token)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "3"
+    if dialect == "legacy":
+        assert response.text == "Service Unavailable"
+    else:
+        assert response.json()["status_code"] == 503
+        assert response.json()["message"] == "Service Unavailable"
+    assert things(http, dialect, token).status_code == 200
+    assert simulator.calls(f"{dialect}_things", "injected_status", user=DEMO_USERNAME) == 1
+
+
+def test_rule_without_endpoint_leaves_protected_endpoints_alone(
+    http: httpx.Client, simulator: SimulatorControl
+) -> None:
+    """A rule for any endpoint means any auth endpoint: protected calls don't use it up."""
+    token = access_token(http, "v1")
+    simulator.fault("status", status=500)
+    assert things(http, "v1", token).status_code == 200
+    assert [rule["remaining"] for rule in simulator.faults()] == [1]
+    assert v1(http).status_code == 500
+
+
+def test_drop_fault_on_a_protected_endpoint(
+    http: httpx.Client, simulator: SimulatorControl
+) -> None:
+    """A drop rule naming a protected endpoint closes the connection mid-response."""
+    token = access_token(http, "v1")
+    simulator.fault("drop", endpoint="v1_things")
+    with pytest.raises(httpx.RemoteProtocolError):
+        things(http, "v1", token)
+    assert things(http, "v1", token).status_code == 200
+    assert simulator.calls("v1_things", "dropped", user=DEMO_USERNAME) == 1
+
+
+def test_garbage_rule_for_a_protected_endpoint_is_400(
+    http: httpx.Client, simulator: SimulatorControl
+) -> None:
+    """Garbage bodies are broken login answers: a garbage rule naming a protected endpoint is
+    refused."""
+    response = http.post(
+        "/_sim/faults", json={"endpoint": "v1_things", "kind": "garbage", "body": "not_json"}
+    )
+    assert response.status_code == 400
+    assert simulator.faults() == []

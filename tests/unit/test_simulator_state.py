@@ -11,8 +11,9 @@ from pydantic import ValidationError
 from service.simulator.auth import answer
 from service.simulator.faults import FaultBook, FaultRule
 from service.simulator.limiter import SlidingLog
+from service.simulator.protected import protected_answer
 from service.simulator.state import SimulatorSettings, SimulatorState
-from service.simulator.tokens import TokenIssuer, identity
+from service.simulator.tokens import Dialect, TokenIssuer, identity
 
 USERS = {"ops@example.com": "s3cret"}
 LOGIN = b'{"username": "ops@example.com", "password": "s3cret"}'
@@ -244,3 +245,97 @@ def test_answer_delay_adds_fault_seconds_to_latency() -> None:
     sim.faults.add(FaultRule(kind="delay", seconds=2))
     delayed = answer(sim, "v1_token", "c", LOGIN)
     assert (delayed.status, delayed.outcome, delayed.delay) == (200, "ok", 2.25)
+
+
+def test_access_token_verdicts_in_order() -> None:
+    """Foreign, refresh and other-dialect tokens are invalid; then expired (skewed clock); ok."""
+    clock = Clock()
+    tokens = TokenIssuer(clock)
+    token = tokens.access_token("ops@example.com", lifetime=60, dialect="legacy")
+    foreign = TokenIssuer(clock).access_token("ops@example.com", lifetime=60, dialect="legacy")
+    refresh = tokens.refresh_token("ops@example.com", lifetime=60)
+
+    def verdict(presented: str, dialect: Dialect = "legacy", skew: float = 0.0) -> tuple[str, str]:
+        judged = tokens.verify_access(presented, dialect=dialect, skew=skew)
+        return judged.outcome, judged.user
+
+    assert verdict(token) == ("ok", "ops@example.com")
+    assert verdict(foreign) == ("token_invalid", "-")
+    assert verdict("not-a-token") == ("token_invalid", "-")
+    assert verdict(refresh) == ("token_invalid", "ops@example.com")
+    assert verdict(token, dialect="v1") == ("token_invalid", "ops@example.com")
+    assert verdict(token, skew=60) == ("token_expired", "ops@example.com")
+    clock.now += 60
+    assert verdict(token) == ("token_expired", "ops@example.com")
+
+
+def test_revoke_refuses_earlier_tokens_only() -> None:
+    """A revoke refuses the user's earlier access and refresh tokens, not later or others'."""
+    tokens = TokenIssuer(Clock())
+    access = tokens.access_token("ops@example.com", lifetime=60)
+    refresh = tokens.refresh_token("ops@example.com", lifetime=60)
+    spent = tokens.refresh_token("ops@example.com", lifetime=60)
+    other = tokens.access_token("fleet@example.com", lifetime=60)
+    tokens.redeem(spent)
+
+    tokens.revoke("ops@example.com")
+
+    assert tokens.verify_access(access, dialect="v1").outcome == "token_revoked"
+    assert tokens.redeem(refresh).outcome == "refresh_revoked"
+    assert tokens.redeem(spent).outcome == "refresh_reused"  # reuse is the louder news
+    assert tokens.verify_access(other, dialect="v1").outcome == "ok"
+    later = tokens.access_token("ops@example.com", lifetime=60)
+    assert tokens.verify_access(later, dialect="v1").outcome == "ok"
+    assert tokens.redeem(tokens.refresh_token("ops@example.com", lifetime=60)).outcome == "ok"
+
+
+def test_expired_and_revoked_token_counts_as_expired() -> None:
+    """Expiry is judged before revocation."""
+    clock = Clock()
+    tokens = TokenIssuer(clock)
+    token = tokens.access_token("ops@example.com", lifetime=60)
+    tokens.revoke("ops@example.com")
+    clock.now += 61
+    assert tokens.verify_access(token, dialect="v1").outcome == "token_expired"
+
+
+def test_state_revoke_knows_only_its_users() -> None:
+    """Revoking an unknown user is refused (the control API answers 404)."""
+    sim = SimulatorState(USERS)
+    assert sim.revoke("ops@example.com")
+    assert not sim.revoke("nobody@example.com")
+
+
+def test_fault_rules_without_endpoint_apply_to_auth_endpoints_only() -> None:
+    """A rule for any endpoint leaves protected endpoints alone; one naming them applies."""
+    book = FaultBook()
+    book.add(FaultRule(kind="drop"))
+    book.add(FaultRule(endpoint="v1_things", kind="delay", seconds=1))
+    taken = book.take("v1_things")
+    assert taken is not None
+    assert taken.kind == "delay"
+    assert book.take("v1_things") is None
+    assert book.take("legacy_things") is None
+    assert book.take("legacy_auth") is not None
+
+
+@pytest.mark.parametrize("endpoint", ["legacy_things", "v1_things"])
+def test_garbage_rules_cannot_name_protected_endpoints(endpoint: str) -> None:
+    """Garbage bodies are broken login answers; protected endpoints have none."""
+    with pytest.raises(ValidationError, match="auth endpoints only"):
+        FaultRule.model_validate({"endpoint": endpoint, "kind": "garbage", "body": "not_json"})
+
+
+def test_protected_answer_ignores_latency_and_counts_the_owner() -> None:
+    """Protected calls skip the auth latency, take their own delay rule and count the owner."""
+    sim = SimulatorState(USERS, SimulatorSettings(latency_seconds=5), monotonic=Clock())
+    token = sim.tokens.access_token("ops@example.com", lifetime=60)
+    sim.faults.add(FaultRule(endpoint="v1_things", kind="delay", seconds=0.5))
+    delayed = protected_answer(sim, "v1_things", f"Bearer {token}")
+    plain = protected_answer(sim, "v1_things", f"bearer  {token} ")
+    refused = protected_answer(sim, "legacy_things", f"Bearer {token}")
+    assert (delayed.status, delayed.delay, plain.status, plain.delay) == (200, 0.5, 200, 0.0)
+    assert (refused.status, refused.media_type) == (401, "text/plain")
+    assert isinstance(refused.content, str)
+    assert refused.content.startswith("Access denied: invalid access token (issued for")
+    assert sim.stats()["totals"] == {"v1_things": {"ok": 2}, "legacy_things": {"token_invalid": 1}}
