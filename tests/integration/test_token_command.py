@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import yaml
 from service.claims import read_claims
 from service.keys import new_api_key
 from service.simulator.client import SimulatorControl
+from service.simulator.protected import V1_THINGS_PATH
 from service.token_command import (
     API_KEY_ENV,
     BROKER_URL_ENV,
@@ -207,3 +210,26 @@ def test_a_broker_without_a_token_exits_4_after_its_retry_after(
     assert result.code == EXIT_UNAVAILABLE
     assert result.stderr.startswith("token: 503 upstream_unavailable")
     assert "retry after" in result.stderr
+
+
+def test_the_output_works_as_a_curl_header(
+    broker: Broker, tmp_path: Path, simulator_url: str
+) -> None:
+    """The documented use, run by a shell: curl -H "Authorization: Bearer $(... token ...)"
+    against Monogoto's (the simulator's) protected endpoint answers 200."""
+    path = key_file(tmp_path, broker.other_key)
+    token = f"{shlex.quote(sys.executable)} -m service.cli token {V1} --key-file {path}"
+    script = (
+        f'curl -sS --fail-with-body -H "Authorization: Bearer $({token})" '
+        f"{simulator_url}{V1_THINGS_PATH}"
+    )
+    done = subprocess.run(  # noqa: S603
+        ["/bin/sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, BROKER_URL_ENV: broker.url},
+        timeout=TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["things"]
