@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import shlex
 import signal
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -18,6 +20,8 @@ from service.config import ConfigError, Settings, build_settings
 from service.keys import new_api_key, new_encryption_key
 from service.logs import configure_logging
 from service.simulator import DEMO_PASSWORD, DEMO_USERNAME
+from service.simulator.protected import V1_THINGS_PATH
+from service.token_command import API_KEY_ENV
 
 EXIT_USAGE = 2
 EXIT_START_FAILED = 1
@@ -196,6 +200,13 @@ def _url(sock: socket.socket) -> str:
 def _banner(broker_url: str, simulator_url: str, key: str, *, in_memory: bool) -> str:
     store = "in-memory store" if in_memory else "Redis store"
     curl = f"curl -s -H 'Authorization: Bearer {key}'"
+    token = f"{_command()} token demo-v1 --broker {broker_url}"
+    things = f"{simulator_url}{V1_THINGS_PATH}"
+    client = (
+        "import httpx; from monogoto_broker_client import MonogotoAuth, TokenSource; "
+        f"source = TokenSource('{broker_url}', 'demo-v1', api_key='{key}'); "
+        f"print(httpx.get('{things}', auth=MonogotoAuth(source)).json())"
+    )
     return "\n".join(
         [
             f"broker:     {broker_url} ({store}; accounts demo-legacy and demo-v1)",
@@ -205,6 +216,19 @@ def _banner(broker_url: str, simulator_url: str, key: str, *, in_memory: bool) -
             "try:",
             f"  {curl} {broker_url}/v1/accounts/demo-v1/token",
             f"  {curl} {broker_url}/v1/accounts",
+            "a token in a script, used against Monogoto's (here the simulator's) API:",
+            f"  export {API_KEY_ENV}={key}",
+            f'  curl -s -H "Authorization: Bearer $({token})" {things}',
+            "the Python client (pip install ./clients/python; see docs/callers.md):",
+            f"  python3 -c {shlex.quote(client)}",
             "Ctrl-C stops both.",
         ]
     )
+
+
+def _command() -> str:
+    """How to run this same `monogoto-broker` again, as it was started."""
+    program = Path(sys.argv[0])
+    if program.name == "monogoto-broker":
+        return shlex.quote(str(program))
+    return f"{shlex.quote(sys.executable)} -m service.cli"

@@ -105,3 +105,36 @@ def test_sigterm_stops_dev_with_exit_code_0(dev: tuple[DevProcess, int]) -> None
     process.process.send_signal(signal.SIGTERM)
 
     assert process.process.wait(_STOP_SECONDS) == 0, process.output()
+
+
+def run_printed_shell(*lines: str) -> subprocess.CompletedProcess[str]:
+    """Run printed lines with a shell, as a user pasting them would, with this interpreter's
+    environment first on PATH (where `python3` has the client installed)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.run(  # noqa: S603
+        ["/bin/sh", "-c", "\n".join(lines)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PATH": path},
+    )
+
+
+def test_printed_script_and_client_examples_reach_the_simulator_s_api(
+    dev: tuple[DevProcess, int],
+) -> None:
+    """The token command in a curl header, and the Python client's one-liner, both get the
+    demo user's things from the simulator's protected v1 endpoint."""
+    process, _ = dev
+    export = process.printed_line(r"^\s*export MONOGOTO_BROKER_API_KEY=")
+    curl = process.printed_line(r"^\s*curl .*\$\(.* token demo-v1 .*/v1/things$")
+    client = process.printed_line(r"^\s*python3 -c ")
+
+    by_curl = run_printed_shell(export, curl)
+    by_client = run_printed_shell(client)
+
+    assert by_curl.returncode == 0, by_curl.stderr
+    assert json.loads(by_curl.stdout)["things"]
+    assert by_client.returncode == 0, by_client.stderr
+    assert "'things'" in by_client.stdout
