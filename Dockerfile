@@ -27,6 +27,8 @@ RUN python3 -m venv /opt/uv && /opt/uv/bin/pip install --quiet "uv==${UV_VERSION
 WORKDIR /src
 # Dependencies first, from the lock file only: this layer survives changes to the code.
 COPY pyproject.toml uv.lock ./
+# The lock file lists the Python client (a dev dependency, not installed here) by its pyproject.
+COPY clients/python/pyproject.toml ./clients/python/
 RUN /opt/uv/bin/uv sync --locked --no-dev --no-install-project --no-editable
 COPY README.md ./
 COPY service ./service
