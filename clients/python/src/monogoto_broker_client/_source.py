@@ -35,7 +35,7 @@ log = logging.getLogger("monogoto_broker_client")
 StrPath = Union[str, "os.PathLike[str]"]
 
 DEFAULT_MARGIN = 60.0
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = 15.0
 DEFAULT_MAX_WAIT = 30.0
 #: The wait before asking again after a 503 without a usable `Retry-After`.
 DEFAULT_RETRY_AFTER = 1.0

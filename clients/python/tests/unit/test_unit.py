@@ -136,7 +136,7 @@ def test_repr_hides_the_key_and_shows_a_file() -> None:
     assert KEY not in repr(source)
     assert repr(source) == (
         "TokenSource(broker_url='http://broker:8080', account='fleet-eu', api_key=<hidden>, "
-        "margin=60, timeout=10, max_wait=30)"
+        "margin=60, timeout=15, max_wait=30)"
     )
     assert KEY not in repr(MonogotoAuth(source))
     assert KEY not in repr(MonogotoRequestsAuth(source))
