@@ -1,4 +1,5 @@
-"""`monogoto-broker token ACCOUNT` against a real `serve` process and the simulator."""
+"""`monogoto-broker token ACCOUNT`, and the example service of docs/callers.md, against a real
+`serve` process and the simulator."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from service.token_command import (
 from tests.support import ServeProcess, free_port
 
 LEGACY, V1 = "fleet", "fleet-v1"
+EXAMPLE = Path(__file__).parents[2] / "clients" / "python" / "examples" / "things.py"
 TIMEOUT_SECONDS = 60
 
 
@@ -233,3 +235,37 @@ def test_the_output_works_as_a_curl_header(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["things"]
+
+
+def test_the_example_service_survives_a_revoked_token(
+    broker: Broker, tmp_path: Path, simulator_url: str
+) -> None:
+    """docs/callers.md's example service lists the things, and lists them again after
+    Monogoto (the simulator) revoked every token the broker held for the account."""
+    env = {
+        **os.environ,
+        "MONOGOTO_BROKER_URL": broker.url,
+        "MONOGOTO_ACCOUNT": V1,
+        "BROKER_KEY_FILE": str(key_file(tmp_path, broker.other_key)),
+        "MONOGOTO_API_URL": simulator_url,
+    }
+
+    def run_example() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603
+            [sys.executable, str(EXAMPLE)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=TIMEOUT_SECONDS,
+            check=False,
+        )
+
+    with SimulatorControl(simulator_url) as simulator:
+        before = run_example()
+        refused = simulator.calls("v1_things", "token_revoked")
+        simulator.revoke("fleet@example.com")
+        after = run_example()
+        assert simulator.calls("v1_things", "token_revoked") == refused + 1
+    assert before.returncode == 0, before.stderr
+    assert after.returncode == 0, after.stderr
+    assert after.stdout == before.stdout != ""
