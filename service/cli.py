@@ -168,7 +168,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--service-account-token-file",
         type=Path,
         metavar="F",
-        help="file holding a Kubernetes service-account token to authenticate with",
+        help="file holding a Kubernetes service-account token, sent instead of a key (for a "
+        "broker that authenticates callers by their Kubernetes identity)",
     )
     token.add_argument(
         "--min-ttl",
