@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.broker.budget import URGENCY, Urgency
 from service.broker.model import (
@@ -74,7 +74,9 @@ class TokenBroker:
         self._names = tuple(accounts)
         self._states = {name: AccountState() for name in accounts}
         self._renewer = Renewer(accounts, refresh, store, client, self._states)
-        self._flights: dict[str, asyncio.Future[tuple[TokenRecord, Outcome]]] = {}
+        # Per account: the obtain in flight, and the caller it charges a forced renewal to.
+        self._flights: dict[str, tuple[asyncio.Future[tuple[TokenRecord, Outcome]], str | None]]
+        self._flights = {}
         # Write-backs of records the store had lost, so that each is done once at a time.
         self._restoring: set[str] = set()
 
@@ -120,9 +122,11 @@ class TokenBroker:
     ) -> IssuedToken:
         """Replace `access_token` if it is still current; else return the current token.
 
-        The token is revoked for every replica before Monogoto is called, so it is never
-        served again even if no replacement comes. Reporting a token that is still good by
-        the broker's own rules forces a renewal, charged to `caller`.
+        Reporting a token that is still good by the broker's own rules forces a renewal: it is
+        charged to `caller` first (429 if it already forced one lately; the token is then not
+        revoked). Then the token is revoked, here at once and for every replica through the
+        store, before anything else can fail: it is never served again, whether or not a
+        replacement comes.
         """
         state = self._states[account]
         local = state.token
@@ -132,9 +136,9 @@ class TokenBroker:
             "token reported as rejected",
             extra={"account": account, "token": fingerprint(access_token)},
         )
-        forced = (
-            local is not None and local.access_token == access_token and self._keeps(local.record)
-        )
+        if local is not None and local.access_token == access_token and self._keeps(local.record):
+            await self._charge(account, caller or "", report=fingerprint(access_token))
+        await self._revoke(account, access_token)
         record, outcome = await self._waited(
             self._obtain(
                 account,
@@ -143,7 +147,6 @@ class TokenBroker:
                     and record.usable_until - time.time() >= self._need
                 ),
                 revoke=access_token,
-                forced_by=(caller or "") if forced else None,
             )
         )
         issued = self._issue(account, record, outcome)
@@ -184,10 +187,39 @@ class TokenBroker:
         caller's choice, not a need)."""
         return record.usable_until - time.time() >= self._need and not self.due(record)
 
-    async def _charge(self, account: str, caller: str) -> None:
-        """Count a forced renewal against `caller`; 429 if it already forced one lately."""
+    async def _revoke(self, account: str, access_token: str) -> None:
+        """Mark `access_token` revoked if it is the current token: in this process at once, and
+        in the store (compare-and-set, published) unless a newer record is there already; a
+        store that cannot be reached gets it from the version poll later."""
+        state = self._states[account]
+        for _ in range(2):  # once more if another replica wrote the same version meanwhile
+            try:
+                record = await self._current(account)
+            except StoreUnavailableError:
+                STORE_ERRORS.labels("obtain").inc()
+                record = None if state.token is None else state.token.record
+            if (
+                record is None
+                or record.revoked
+                or record.access_token.get_secret_value() != access_token
+            ):
+                return
+            revoked = replace(record, revoked=True, version=record.version + 1)
+            state.adopt(account, revoked)
+            try:
+                if await self._store.save(account, revoked):
+                    return
+            except StoreUnavailableError:
+                STORE_ERRORS.labels("save").inc()
+                return
+
+    async def _charge(self, account: str, caller: str, *, report: str = "") -> None:
+        """Count a forced renewal against `caller`; 429 if it already forced one lately. With
+        `report` (the reported token's fingerprint), reports of that same token count once."""
         try:
-            wait = await self._store.take_forced(account, caller, FORCED_RENEWAL_INTERVAL_SECONDS)
+            wait = await self._store.take_forced(
+                account, caller, FORCED_RENEWAL_INTERVAL_SECONDS, report=report
+            )
         except StoreUnavailableError:
             STORE_ERRORS.labels("take_forced").inc()
             raise UpstreamUnavailableError(
@@ -270,25 +302,30 @@ class TokenBroker:
         caller a renewal is charged to when it was forced (see `get`).
         """
         while True:
-            flight = self._flights.get(account)
+            flight, owner = self._flights.get(account, (None, None))
             # A finished flight not yet cleared away must not be joined: its result is final,
             # and awaiting it again would spin without ever yielding to the loop.
             if flight is None or flight.done():
                 flight = asyncio.ensure_future(
                     self._obtain_once(account, wanted, revoke=revoke, forced_by=forced_by)
                 )
-                self._flights[account] = flight
+                self._flights[account] = (flight, forced_by)
                 flight.add_done_callback(lambda done: self._landed(account, done))
                 # shield: a caller hanging up must not cancel the work others are waiting for.
                 return await asyncio.shield(flight)
-            record, outcome = await asyncio.shield(flight)
+            try:
+                record, outcome = await asyncio.shield(flight)
+            except RenewalRateLimitedError:
+                if owner == forced_by:
+                    raise
+                continue  # another caller's allowance ran out: no answer for this request
             # Never take_fetched for a replacement: a flight that began before the report may
             # have fetched the very token being reported.
             if wanted(record) or (take_fetched and outcome is Outcome.FETCHED):
                 return record, outcome
 
     def _landed(self, account: str, flight: asyncio.Future[tuple[TokenRecord, Outcome]]) -> None:
-        if self._flights.get(account) is flight:
+        if self._flights.get(account, (None, None))[0] is flight:
             del self._flights[account]
         # Everyone who waited may have hung up; the outcome is already logged and counted.
         if not flight.cancelled():
@@ -296,7 +333,7 @@ class TokenBroker:
 
     def cancel_flights(self) -> None:
         """Cancel every obtain in progress (shutdown: nobody is left to wait for them)."""
-        for flight in list(self._flights.values()):
+        for flight, _ in list(self._flights.values()):
             flight.cancel()
 
     async def _obtain_once(
@@ -330,7 +367,12 @@ class TokenBroker:
         (it went back in time), which is then written back. A refresh token known to be
         spent is left out either way."""
         stored = await self._store.load(account)
-        stored = None if stored is None else self._renewer.trusted(account, stored)
+        spent = None if stored is None else self._renewer.spent(account, stored)
+        if stored is not None and spent is not None:
+            # The store offers a refresh token this process spent: it forgot (went back in
+            # time, or was told the token came back unsent). Remind it, for every replica.
+            await self._store.remember_spent(account, [spent])
+            stored = replace(stored, refresh_token=None)
         local = self._states[account].token
         if local is None or (stored is not None and stored.version >= local.record.version):
             return stored

@@ -61,16 +61,21 @@ class Renewer:
 
     def trusted(self, account: str, record: TokenRecord) -> TokenRecord:
         """`record` without its refresh token if this process knows that token to be spent."""
+        return (
+            record if self.spent(account, record) is None else replace(record, refresh_token=None)
+        )
+
+    def spent(self, account: str, record: TokenRecord) -> Spent | None:
+        """What this process remembers of `record`'s refresh token as spent, if anything."""
         refresh = record.refresh_token
         spent = self._spent[account]
         if refresh is None or not spent:
-            return record
+            return None
         now = time.time()
         for key in [key for key, until in spent.items() if until <= now]:
             del spent[key]
-        if fingerprint(refresh.get_secret_value()) in spent:
-            return replace(record, refresh_token=None)
-        return record
+        key = fingerprint(refresh.get_secret_value())
+        return None if key not in spent else Spent(key, spent[key])
 
     async def reseed(self) -> None:
         """Write what this process knows back to a store that lost it: the refresh tokens it

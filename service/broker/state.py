@@ -89,7 +89,8 @@ class AccountState:
                     self.rejected_until = 0.0
                     CREDENTIALS_REJECTED.labels(account).set(0)
             self.token = LocalToken(account, record, record.access_token.get_secret_value())
-            TOKEN_EXPIRY.labels(account).set(record.expires_at)
+            # A revoked token is served no more: for alerts, it expired.
+            TOKEN_EXPIRY.labels(account).set(record.usable_until)
             self.notify()
         return self.token
 

@@ -91,9 +91,12 @@ class TokenStore(Protocol):
         are free: those are kept for more urgent renewals."""
         ...
 
-    async def take_forced(self, account: str, caller: str, interval_seconds: float) -> float:
+    async def take_forced(
+        self, account: str, caller: str, interval_seconds: float, *, report: str = ""
+    ) -> float:
         """Count a renewal of `account` that `caller` forces: 0.0 if allowed (at most one per
-        `interval_seconds`), else the seconds until it is."""
+        `interval_seconds`), else the seconds until it is. `report`, the fingerprint of a
+        reported token: further reports of the token already charged for are allowed."""
         ...
 
     async def epoch(self) -> str:

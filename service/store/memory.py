@@ -31,7 +31,7 @@ class MemoryStore:
         self._grants: dict[str, deque[float]] = {}
         self._cool_until: dict[str, float] = {}
         self._spent: dict[str, dict[str, float]] = {}
-        self._forced: dict[tuple[str, str], float] = {}
+        self._forced: dict[tuple[str, str], tuple[float, str]] = {}
         # None tells a subscriber that the store closed.
         self._subscribers: set[asyncio.Queue[Change | None]] = set()
 
@@ -151,14 +151,16 @@ class MemoryStore:
         until = time.monotonic() + seconds
         self._cool_until[scope] = max(self._cool_until.get(scope, 0.0), until)
 
-    async def take_forced(self, account: str, caller: str, interval_seconds: float) -> float:
+    async def take_forced(
+        self, account: str, caller: str, interval_seconds: float, *, report: str = ""
+    ) -> float:
         """0.0 if `caller` may force a renewal of `account` now (and it is counted), else the
-        seconds until it may."""
+        seconds until it may; reports of the same token (`report`) count once."""
         now = time.monotonic()
-        allowed_at = self._forced.get((account, caller), 0.0)
+        allowed_at, charged = self._forced.get((account, caller), (0.0, ""))
         if allowed_at > now:
-            return allowed_at - now
-        self._forced[account, caller] = now + interval_seconds
+            return 0.0 if report and report == charged else allowed_at - now
+        self._forced[account, caller] = (now + interval_seconds, report)
         return 0.0
 
     async def epoch(self) -> str:

@@ -17,6 +17,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service.claims import fingerprint
+from service.config.models import MAX_RETRY_AFTER_SECONDS
 from service.crypto import EnvelopeError, TokenCipher
 from service.store.base import Change, Spent, StoreUnavailableError
 from service.store.changes import ChangeFeed, honour_lost_cancellation, notice
@@ -66,6 +67,8 @@ def _version_context(version: int) -> bytes:
 
 
 _FAILURE_CONTEXT = b"failure"
+# No cool-down lasts longer than the largest `upstream.max_retry_after_seconds` allowed.
+_LONGEST_COOL_DOWN_MS = int(MAX_RETRY_AFTER_SECONDS * 1000)
 
 
 class RedisStore:
@@ -265,6 +268,7 @@ class RedisStore:
             reserve,
             self._budget_epoch,
             self._hold_ms(scope),
+            _LONGEST_COOL_DOWN_MS,
         ]
         with _unavailable_on_error("while taking auth budget"):
             wait_ms, epoch = await self._take_budget(keys=self._budget_keys(scope), args=args)
@@ -298,17 +302,20 @@ class RedisStore:
         self._budget_epoch = self._budget_epoch or epoch
         if self._seen_epoch and epoch != self._seen_epoch:
             for scope in list(self._windows):
-                await self._run_cool_down(scope, 0)
+                cooling = self._cool_until.get(scope, 0.0) - time.monotonic()
+                await self._run_cool_down(scope, max(0, int(cooling * 1000)))
         self._seen_epoch = epoch
         return epoch
 
-    async def take_forced(self, account: str, caller: str, interval_seconds: float) -> float:
+    async def take_forced(
+        self, account: str, caller: str, interval_seconds: float, *, report: str = ""
+    ) -> float:
         """0.0 if `caller` may force a renewal of `account` now (and it is counted), else the
-        seconds until it may."""
+        seconds until it may; reports of the same token (`report`) count once."""
         interval_ms = max(1, int(interval_seconds * 1000))
         key = self._key(account, f"forced:{caller}")
         with _unavailable_on_error("while counting a forced renewal"):
-            wait_ms = await self._take_forced(keys=[key], args=[interval_ms])
+            wait_ms = await self._take_forced(keys=[key], args=[interval_ms, report])
         return int(wait_ms) / 1000
 
     async def load_failure(self, account: str) -> FailureRecord | None:

@@ -65,37 +65,57 @@ return 0
 # new epoch cannot be trusted, so the first caller to see one holds every grant back for
 # ARGV[hold] ms, after which every grant of the old epoch is older than a window.
 # A caller that never saw an epoch (a replica just started, against a store that has none
-# recorded) cannot tell a first start from a store restarted empty, and holds nothing back.
-# KEYS[2] is the cool-down, KEYS[3] the epoch key; sets `epoch` (the run id) for the caller.
+# recorded) cannot tell a first start from a store restarted empty, and holds nothing back;
+# but the epoch key records when the epoch was first seen (Redis time), so a replica that
+# knew the old epoch and comes later still holds back what is left of that window.
+# KEYS[2] is the cool-down, KEYS[3] the epoch key ("<run id> <ms first seen>"); sets `epoch`
+# (the run id) for the caller.
 _EPOCH_CHECK = """
 local info = redis.call('INFO', 'server')
 local epoch = string.match(info, 'run_id:(%x+)') or ''
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local recorded = redis.call('GET', KEYS[3])
-if recorded ~= epoch then
-    redis.call('SET', KEYS[3], epoch)
-    local known = ARGV[EPOCH_ARG]
+local recorded_epoch, since = nil, now
+if recorded then
+    local first_seen
+    recorded_epoch, first_seen = string.match(recorded, '^(%x*) (%d+)$')
+    since = tonumber(first_seen or '') or now
+end
+local known = ARGV[EPOCH_ARG]
+local hold = tonumber(ARGV[EPOCH_ARG + 1])
+local held = 0
+if recorded_epoch ~= epoch then
+    redis.call('SET', KEYS[3], epoch .. ' ' .. now)
     if recorded or (known ~= '' and known ~= epoch) then
-        local hold = tonumber(ARGV[EPOCH_ARG + 1])
-        if redis.call('PTTL', KEYS[2]) < hold then
-            redis.call('SET', KEYS[2], 'epoch', 'PX', hold)
-        end
+        held = hold
     end
+elseif known ~= '' and known ~= epoch then
+    held = since + hold - now
+end
+if held > 0 and redis.call('PTTL', KEYS[2]) < held then
+    redis.call('SET', KEYS[2], 'epoch', 'PX', held)
 end
 """
 
 # A strict sliding log on Redis's own clock, so replicas with skewed clocks share one window
 # (DESIGN rule 4). KEYS: log, cool-down, epoch. ARGV: limit, period ms, unique suffix, units
 # held in reserve (a grant needs more than this many free), the caller's last known epoch,
-# the hold-back in ms for a new epoch. Returns {wait ms (0 when granted), epoch}.
+# the hold-back in ms for a new epoch, the longest cool-down in ms (a longer one, left by an
+# older broker that took Retry-After: 1e9 at its word, is cut to it).
+# Returns {wait ms (0 when granted), epoch}.
 TAKE_BUDGET = (
     _EPOCH_CHECK.replace("EPOCH_ARG", "5")
     + """
 local cooling = redis.call('PTTL', KEYS[2])
+local longest = tonumber(ARGV[7])
+if cooling > longest then
+    redis.call('PEXPIRE', KEYS[2], longest)
+    cooling = longest
+end
 if cooling > 0 then
     return {cooling, epoch}
 end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local limit = tonumber(ARGV[1]) - tonumber(ARGV[4])
 local period = tonumber(ARGV[2])
 -- A grant exactly one period old still counts: the window is closed at both ends.
@@ -126,9 +146,17 @@ return epoch
 )
 
 # A caller may force one renewal of an account per interval. KEYS: the caller's marker for the
-# account. ARGV: interval ms. Returns 0 when allowed, else the ms until it is.
+# account. ARGV: interval ms, the fingerprint of a reported token ('' for none): reports of the
+# token already charged for count once. Returns 0 when allowed, else the ms until it is.
 TAKE_FORCED = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+local value = ARGV[2]
+if value == '' then
+    value = '1'
+end
+if redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[1]) then
+    return 0
+end
+if ARGV[2] ~= '' and redis.call('GET', KEYS[1]) == ARGV[2] then
     return 0
 end
 return math.max(1, redis.call('PTTL', KEYS[1]))

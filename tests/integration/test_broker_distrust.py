@@ -187,3 +187,44 @@ async def test_a_rejection_of_other_credentials_holds_nobody_back(
     await eventually(
         lambda: wrong.broker.accounts()[0].status != AccountStatus.CREDENTIALS_REJECTED
     )
+
+
+async def test_a_report_revokes_the_token_even_while_the_account_is_rejected(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """Monogoto rejects the account's credentials (marker in force) and a caller reports the
+    still-valid token: the report fails, and the token is never served again."""
+    simulator.set(token_lifetime_seconds=60)
+    [replica] = await start_replicas()
+    first = await replica.broker.get("acct-0")
+    await asyncio.sleep(1.5)
+    for endpoint in ("v1_refresh", "v1_token"):
+        simulator.fault("status", endpoint=endpoint, status=401, count=100)
+    with pytest.raises(CredentialsRejectedError):
+        await replica.broker.get("acct-0", min_ttl=59, caller="batch")
+    assert (await replica.broker.get("acct-0")).access_token == first.access_token
+    with pytest.raises(CredentialsRejectedError):
+        await replica.broker.invalidate("acct-0", first.access_token, caller="api")
+    with pytest.raises(CredentialsRejectedError):
+        await replica.broker.get("acct-0")
+
+
+async def test_another_caller_s_refused_renewal_does_not_answer_a_report(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """A caller whose forced renewals are used up, asking at the same time as another caller
+    reports the token: the first gets 429, the report gets a new token."""
+    simulator.set(token_lifetime_seconds=60)
+    [replica] = await start_replicas()
+    await replica.broker.get("acct-0")
+    await asyncio.sleep(1.5)
+    current = await replica.broker.get("acct-0", min_ttl=59, caller="greedy")
+    await asyncio.sleep(1.5)
+    greedy, report = await asyncio.gather(
+        replica.broker.get("acct-0", min_ttl=59, caller="greedy"),
+        replica.broker.invalidate("acct-0", current.access_token, caller="polite"),
+        return_exceptions=True,
+    )
+    assert isinstance(greedy, RenewalRateLimitedError)
+    assert not isinstance(report, BaseException), report
+    assert report.access_token != current.access_token

@@ -496,3 +496,34 @@ async def test_a_store_restored_from_an_older_snapshot_holds_back_a_new_replica(
         # Later restarts of the session's server must start empty again.
         redis_server.flush()
         await save_snapshot(redis_url)
+
+
+async def test_a_cool_down_longer_than_any_allowed_is_cut_short(
+    store: RedisStore, raw: redis.asyncio.Redis
+) -> None:
+    """A cool-down of 31 years (left by a broker that took `Retry-After: 1e9` at its word)
+    holds grants back for at most the longest allowed Retry-After, 900 s."""
+    await raw.set("mgb-test:{budget:scope}:cooldown", "1", px=10**12)
+    wait = await store.take_budget("scope", 5, 60.0)
+    assert 800 < wait <= 900
+    assert await raw.pttl("mgb-test:{budget:scope}:cooldown") <= 900_000
+
+
+async def test_a_replica_that_knew_the_old_store_holds_back_though_a_new_one_did_not(
+    store: RedisStore, redis_url: str, redis_server: RedisServer
+) -> None:
+    """A replica started against the restarted store holds nothing back (a first start looks
+    the same); one that knew the old store still holds back what is left of the window."""
+    assert await store.take_budget("scope", 3, WINDOW) == 0.0
+    redis_server.kill()
+    redis_server.start()
+    newcomer = RedisStore.from_url(redis_url, prefix=PREFIX, cipher=CIPHER)
+    try:
+        await _until_answering(newcomer)
+        await newcomer.epoch()
+        assert await newcomer.take_budget("scope", 3, WINDOW) == 0.0
+        await _until_answering(store)
+        wait = await store.take_budget("scope", 3, WINDOW)
+        assert 0.0 < wait <= WINDOW
+    finally:
+        await newcomer.close()
