@@ -1,9 +1,10 @@
 """Caller authentication (`Authorization: Bearer <caller key>`) and per-account permission.
 
-The caller table is built once at start-up, keyed by the SHA-256 of each caller's key: a request
-costs one hash, one dict lookup and one constant-time comparison. A caller that may not use an
-account and an account that does not exist get the same 403, so callers cannot enumerate the
-configured accounts.
+The caller table is built once at start-up, keyed by the SHA-256 of each caller's key (a caller
+has several while its key is rotated, each an entry of its own): a request costs one hash, one
+dict lookup and one constant-time comparison. A caller that may not use an account and an
+account that does not exist get the same 403, so callers cannot enumerate the configured
+accounts.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ class ForbiddenError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated caller and the configured accounts it may use."""
+    """An authenticated caller and the configured accounts it may use.
+
+    `key_digest` is the digest of the key the caller presented: one of several while its key
+    is rotated. It identifies a key, so it stays out of metrics and logs (they use `name`).
+    """
 
     name: str
     key_digest: str
@@ -53,8 +58,9 @@ class CallerDirectory:
         self._by_digest: dict[str, Caller] = {}
         for name, settings in callers.items():
             allowed = frozenset(account for account in accounts if settings.allows(account))
-            digest = settings.key_digest()
-            self._by_digest[digest] = Caller(name=name, key_digest=digest, accounts=allowed)
+            # Every digest of a caller (several while its key is rotated) finds that caller.
+            for digest in settings.key_digests():
+                self._by_digest[digest] = Caller(name=name, key_digest=digest, accounts=allowed)
 
     def authenticate(self, authorization: str | None) -> Caller:
         """The caller whose key the `Authorization` header carries; raises UnauthenticatedError."""

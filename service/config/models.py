@@ -8,13 +8,23 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from service.config.fields import BaseUrl, Loc, raise_problems, read_secret
 from service.keys import DIGEST_PREFIX
 
 ALL_ACCOUNTS = "*"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_BAD_DIGEST = "must be 'sha256:' and 64 hex digits (see new-api-key)"
+_EMPTY_DIGEST_LIST = "list at least one digest (several only while rotating a key)"
 
 # Upper bounds of durations: far beyond any sensible setting, yet small enough that every
 # Redis expiry derived from them (lock lease, budget window, failure marker, record TTL) is one
@@ -146,11 +156,36 @@ class AccountSettings(_Section):
 
 
 class CallerSettings(_Section):
-    """An internal service allowed to fetch tokens, identified by the digest of its key."""
+    """An internal service allowed to fetch tokens, identified by the digest of its key.
 
-    api_key_sha256: SecretStr | None = None
+    A caller may have several key digests, so that its key can be rotated without downtime:
+    the new digest is added next to the old one, the caller moves to the new key, and the old
+    digest is removed.
+    """
+
+    api_key_sha256: SecretStr | list[SecretStr] | None = None
     api_key_sha256_file: Path | None = None
     accounts: list[str]
+    # Lowercase hex digests, in the configured order; filled in by `_read_digests`.
+    _digests: tuple[str, ...] = PrivateAttr(default=())
+    # Where each digest was configured: its location and a message prefix ("line 3: ").
+    _sources: tuple[tuple[Loc, str], ...] = PrivateAttr(default=())
+
+    @field_validator("api_key_sha256", mode="before")
+    @classmethod
+    def _one_or_more_digests(cls, value: object) -> object:
+        # Checked here so that a wrong type gets one plain message instead of one per member
+        # of the union; never quotes the value.
+        if isinstance(value, list):
+            problems: list[tuple[Loc, str]] = [
+                ((index,), "must be a string")
+                for index, item in enumerate(value)
+                if not isinstance(item, str | SecretStr)
+            ]
+            raise_problems(problems)
+        elif value is not None and not isinstance(value, str | SecretStr):
+            raise ValueError("must be a digest or a list of digests")
+        return value
 
     @field_validator("accounts")
     @classmethod
@@ -160,25 +195,67 @@ class CallerSettings(_Section):
         return accounts
 
     @model_validator(mode="after")
-    def _read_digest(self) -> Self:
+    def _read_digests(self) -> Self:
         problems: list[tuple[Loc, str]] = []
-        text = read_secret(self, "api_key_sha256", problems)
-        if text is not None:
+        entries: list[tuple[Loc, str, str]] = []  # (location, message prefix, digest text)
+        value = self.api_key_sha256
+        if isinstance(value, list) and self.api_key_sha256_file is None:
+            if not value:
+                problems.append((("api_key_sha256",), _EMPTY_DIGEST_LIST))
+            for index, item in enumerate(value):
+                entries.append((("api_key_sha256", index), "", item.get_secret_value()))
+        else:
+            text = read_secret(self, "api_key_sha256", problems)
+            if text is not None and self.api_key_sha256_file is not None:
+                lines = [
+                    (number, line.strip())
+                    for number, line in enumerate(text.splitlines(), start=1)
+                    if line.strip()
+                ]
+                for number, line in lines:
+                    prefix = f"line {number}: " if len(lines) > 1 else ""
+                    entries.append((("api_key_sha256_file",), prefix, line))
+            elif text is not None:
+                entries.append((("api_key_sha256",), "", text))
+        digests: list[str] = []
+        sources: list[tuple[Loc, str]] = []
+        for loc, prefix, text in entries:
             digest = text.strip().lower().removeprefix(DIGEST_PREFIX)
-            if _DIGEST.fullmatch(digest):
-                self.api_key_sha256 = SecretStr(digest)
+            if not _DIGEST.fullmatch(digest):
+                problems.append((loc, prefix + _BAD_DIGEST))
+            elif digest in digests:
+                first_loc, first_prefix = sources[digests.index(digest)]
+                problems.append(
+                    (loc, prefix + f"same digest as {_describe(first_loc, first_prefix)}")
+                )
             else:
-                where = "api_key_sha256_file" if self.api_key_sha256_file else "api_key_sha256"
-                problems.append(((where,), "must be 'sha256:' and 64 hex digits (see new-api-key)"))
+                digests.append(digest)
+                sources.append((loc, prefix))
         raise_problems(problems)
+        self.api_key_sha256 = [SecretStr(digest) for digest in digests]
+        self._digests = tuple(digests)
+        self._sources = tuple(sources)
         return self
 
-    def key_digest(self) -> str:
-        """Lowercase hex SHA-256 of this caller's key."""
-        if self.api_key_sha256 is None:
+    def key_digests(self) -> tuple[str, ...]:
+        """Lowercase hex SHA-256 of each of this caller's keys (several while rotating)."""
+        if not self._digests:
             raise RuntimeError("caller was not validated")
-        return self.api_key_sha256.get_secret_value()
+        return self._digests
+
+    def digest_source(self, index: int) -> tuple[Loc, str]:
+        """Where the `index`-th digest was configured: its location below this caller and a
+        message prefix (`"line 3: "` for a file of several digests, else empty)."""
+        return self._sources[index]
 
     def allows(self, account: str) -> bool:
         """Whether this caller may fetch tokens of `account`."""
         return ALL_ACCOUNTS in self.accounts or account in self.accounts
+
+
+def _describe(loc: Loc, prefix: str) -> str:
+    """`api_key_sha256[0]` or `line 2`: how a problem refers to another digest of the caller."""
+    if prefix:
+        return prefix.removesuffix(": ")
+    name, *index = loc
+    return f"{name}[{index[0]}]" if index else str(name)

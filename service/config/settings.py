@@ -91,12 +91,16 @@ class Settings(BaseSettings):
             for index, account in enumerate(caller.accounts):
                 if accounts is not None and account != ALL_ACCOUNTS and account not in accounts:
                     problems.append(((name, "accounts", index), f"unknown account '{account}'"))
-            owner = owners.setdefault(caller.key_digest(), name)
-            if owner != name:
-                where = "api_key_sha256_file" if caller.api_key_sha256_file else "api_key_sha256"
-                problems.append(
-                    ((name, where), f"same key as caller '{owner}' (each caller needs its own)")
-                )
+            for index, digest in enumerate(caller.key_digests()):
+                owner = owners.setdefault(digest, name)
+                if owner != name:
+                    where, prefix = caller.digest_source(index)
+                    problems.append(
+                        (
+                            (name, *where),
+                            f"{prefix}same key as caller '{owner}' (each caller needs its own)",
+                        )
+                    )
         raise_problems(problems)
         return callers
 

@@ -287,6 +287,54 @@ async def test_missing_or_unknown_key_is_401(
     assert after == before + 1
 
 
+async def test_rotated_caller_key_overlaps_then_the_old_one_is_refused(
+    sim: SimulatorControl, redis_url: str, simulator_url: str
+) -> None:
+    """While a caller's key is rotated, its old and new key both authenticate as that caller
+    (counted under its name, never a digest); once the old digest is removed, the old key is
+    401 and the new one goes on working."""
+    new_key = "mgb_billing-rotated-key"
+    new = {"Authorization": f"Bearer {new_key}"}
+    accounts = {
+        "fleet-eu": {"username": "ops@example.com", "password": "s3cret"},
+        "spare": {"username": "demo@monogoto.example", "password": "demo-password"},
+    }
+    config = _config(redis_url, simulator_url, **accounts)
+    billing = config["callers"]["billing"]
+    billing["api_key_sha256"] = [
+        api_key_digest(BILLING_KEY),
+        "sha256:" + api_key_digest(new_key),
+    ]
+    async with _running(config) as client:
+        before = await _served(client, "fleet-eu", "billing")
+        for headers in (BILLING, new, BILLING):
+            response = await client.get("/v1/accounts/fleet-eu/token", headers=headers)
+            _assert_token_body(response, "fleet-eu")
+            listed = await client.get("/v1/accounts", headers=headers)
+            assert [account["name"] for account in listed.json()["accounts"]] == ["fleet-eu"]
+        assert await _served(client, "fleet-eu", "billing") == before + 3
+        metrics = (await client.get("/metrics")).text
+        for key in (BILLING_KEY, new_key):
+            assert api_key_digest(key)[:12] not in metrics
+            assert key not in metrics
+
+    billing["api_key_sha256"] = [api_key_digest(new_key)]
+    async with _running(config) as client:
+        unknown = await _metric(
+            client, "monogoto_broker_caller_auth_failures_total", reason="unknown"
+        )
+        before = await _served(client, "fleet-eu", "billing")
+        refused = await client.get("/v1/accounts/fleet-eu/token", headers=BILLING)
+        _assert_problem(refused, 401, "unauthenticated")
+        after = await _metric(
+            client, "monogoto_broker_caller_auth_failures_total", reason="unknown"
+        )
+        assert after == unknown + 1
+        response = await client.get("/v1/accounts/fleet-eu/token", headers=new)
+        _assert_token_body(response, "fleet-eu")
+        assert await _served(client, "fleet-eu", "billing") == before + 1
+
+
 async def test_unknown_account_looks_like_a_forbidden_one(client: Client) -> None:
     """A caller cannot tell an account it may not use from one that does not exist."""
     forbidden = await client.get("/v1/accounts/spare/token", headers=BILLING)

@@ -194,7 +194,7 @@ def test_dev_settings_give_the_demo_caller_both_dialects_on_the_simulator() -> N
     assert {account.base_url for account in accounts.values()} == {"http://127.0.0.1:8091"}
     assert {account.username for account in accounts.values()} == {DEMO_USERNAME}
     caller = settings.callers["demo"]
-    assert caller.key_digest() == api_key_digest(key)
+    assert caller.key_digests() == (api_key_digest(key),)
     assert all(caller.allows(name) for name in accounts)
 
 

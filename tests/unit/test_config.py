@@ -25,6 +25,7 @@ PASSWORD = "pw-Secret-0451"
 OTHER_PASSWORD = "pw-Secret-9876"
 REDIS_PASSWORD = "redis-Secret-1234"
 DIGEST = "ab" * 32
+NEW_DIGEST = "cd" * 32  # the second key of a caller whose key is being rotated
 KEY_LINE = "k1:" + base64.b64encode(bytes(range(32))).decode()
 
 
@@ -184,6 +185,25 @@ def test_env_list_that_is_not_json_is_a_problem(
     assert "must be JSON" in problem
 
 
+def test_env_sets_caller_digests_as_a_json_list_or_one_string(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BROKER_CALLERS__<NAME>__API_KEY_SHA256 replaces the file's digests: a JSON list for
+    several (a key being rotated), a plain string for one."""
+    data = config(callers={"billing": {"api_key_sha256": DIGEST, "accounts": ["fleet-eu"]}})
+    monkeypatch.setenv(
+        "BROKER_CALLERS__BILLING__API_KEY_SHA256", f'["{DIGEST}", "sha256:{NEW_DIGEST}"]'
+    )
+    assert load(tmp_path, data).callers["billing"].key_digests() == (DIGEST, NEW_DIGEST)
+    data["callers"]["billing"]["api_key_sha256"] = [DIGEST, NEW_DIGEST]
+    monkeypatch.setenv("BROKER_CALLERS__BILLING__API_KEY_SHA256", f"sha256:{NEW_DIGEST}")
+    assert load(tmp_path, data).callers["billing"].key_digests() == (NEW_DIGEST,)
+    monkeypatch.setenv("BROKER_CALLERS__BILLING__API_KEY_SHA256", f'["{NEW_DIGEST}", "x"]')
+    assert problems(tmp_path, data) == [
+        "callers.billing.api_key_sha256[1]: must be 'sha256:' and 64 hex digits (see new-api-key)"
+    ]
+
+
 def test_env_value_is_validated_like_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -251,7 +271,40 @@ def test_secret_files_supply_redis_url_digest_and_keys(tmp_path: Path) -> None:
     settings = load(tmp_path, data)
     assert settings.redis_url.get_secret_value() == f"redis://:{REDIS_PASSWORD}@db:6379/1"
     assert [key.kid for key in settings.encryption_key_ring()] == ["k1"]
-    assert settings.callers["billing"].key_digest() == DIGEST
+    assert settings.callers["billing"].key_digests() == (DIGEST,)
+
+
+def test_digest_file_may_hold_one_digest_per_line(tmp_path: Path) -> None:
+    """During a rotation the caller's Secret holds both digests, one per line; blank lines
+    and surrounding whitespace (a CRLF editor, a trailing newline) do not count."""
+    content = f"\n  sha256:{DIGEST}  \r\n\n{NEW_DIGEST.upper()}\n\n"
+    data = config(
+        callers={
+            "billing": {
+                "api_key_sha256_file": secret_file(tmp_path, "digests", content),
+                "accounts": ["*"],
+            }
+        }
+    )
+    assert load(tmp_path, data).callers["billing"].key_digests() == (DIGEST, NEW_DIGEST)
+
+
+def test_bad_or_repeated_digest_in_a_file_names_its_line(tmp_path: Path) -> None:
+    """In a file of several digests a problem names the line, never the digest."""
+    content = f"{DIGEST}\n\nsha256:{NEW_DIGEST[:-1]}\nsha256:{DIGEST}\n"
+    data = config(
+        callers={
+            "billing": {
+                "api_key_sha256_file": secret_file(tmp_path, "digests", content),
+                "accounts": ["*"],
+            }
+        }
+    )
+    assert problems(tmp_path, data) == [
+        "callers.billing.api_key_sha256_file: line 3: must be 'sha256:' and 64 hex digits "
+        "(see new-api-key)",
+        "callers.billing.api_key_sha256_file: line 4: same digest as line 1",
+    ]
 
 
 def test_secret_and_its_file_together_is_a_problem(tmp_path: Path) -> None:
@@ -412,14 +465,15 @@ def test_username_must_not_be_empty(tmp_path: Path) -> None:
 def test_caller_digest_is_normalised(tmp_path: Path, digest: str) -> None:
     """Digests with or without the sha256: prefix, in any case, compare equal."""
     data = config(callers={"billing": {"api_key_sha256": digest, "accounts": ["fleet-eu"]}})
-    assert load(tmp_path, data).callers["billing"].key_digest() == DIGEST
+    assert load(tmp_path, data).callers["billing"].key_digests() == (DIGEST,)
 
 
 def test_generated_caller_key_digest_is_accepted(tmp_path: Path) -> None:
     """The second line of new-api-key can be pasted into the config as is."""
     _, digest = new_api_key()
     data = config(callers={"billing": {"api_key_sha256": digest, "accounts": ["*"]}})
-    assert load(tmp_path, data).callers["billing"].key_digest() == digest.removeprefix("sha256:")
+    digests = load(tmp_path, data).callers["billing"].key_digests()
+    assert digests == (digest.removeprefix("sha256:"),)
 
 
 @pytest.mark.parametrize("digest", ["sha256:abc", "g" * 64, "md5:" + DIGEST, DIGEST + "00"])
@@ -458,6 +512,99 @@ def test_two_callers_with_one_key_is_a_problem(tmp_path: Path) -> None:
     )
     assert problems(tmp_path, data) == [
         "callers.ops.api_key_sha256: same key as caller 'billing' (each caller needs its own)"
+    ]
+
+
+def test_caller_may_have_several_digests(tmp_path: Path) -> None:
+    """A list of digests (old and new key while rotating) is normalised like a single one and
+    kept in order; repr shows none of them."""
+    digests = [f"sha256:{DIGEST}", NEW_DIGEST.upper()]
+    data = config(callers={"billing": {"api_key_sha256": digests, "accounts": ["fleet-eu"]}})
+    caller = load(tmp_path, data).callers["billing"]
+    assert caller.key_digests() == (DIGEST, NEW_DIGEST)
+    assert DIGEST[:12] not in repr(caller)
+    assert NEW_DIGEST[:12] not in repr(caller)
+
+
+def test_bad_digest_in_a_list_names_its_index(tmp_path: Path) -> None:
+    """Each digest of a list is checked; a problem names its index, never the value."""
+    bad = ["sha256:abc", "g" * 64]
+    digests = [DIGEST, bad[0], NEW_DIGEST, bad[1]]
+    data = config(callers={"billing": {"api_key_sha256": digests, "accounts": ["*"]}})
+    found = problems(tmp_path, data)
+    assert found == [
+        f"callers.billing.api_key_sha256[{index}]: must be 'sha256:' and 64 hex digits "
+        "(see new-api-key)"
+        for index in (1, 3)
+    ]
+    assert not [value for value in bad for problem in found if value in problem]
+
+
+def test_repeated_digest_within_a_caller_is_a_problem(tmp_path: Path) -> None:
+    """The same digest twice in one caller (however written) is a mistake, named by index."""
+    digests = [DIGEST, NEW_DIGEST, f"SHA256:{DIGEST.upper()}"]
+    data = config(callers={"billing": {"api_key_sha256": digests, "accounts": ["*"]}})
+    assert problems(tmp_path, data) == [
+        "callers.billing.api_key_sha256[2]: same digest as api_key_sha256[0]"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ([], "api_key_sha256: list at least one digest (several only while rotating a key)"),
+        ([DIGEST, 7], "api_key_sha256[1]: must be a string"),
+        ({"sha256": DIGEST}, "api_key_sha256: must be a digest or a list of digests"),
+        ([""], "api_key_sha256[0]: must be 'sha256:' and 64 hex digits (see new-api-key)"),
+    ],
+    ids=["empty-list", "not-a-string", "mapping", "empty-string"],
+)
+def test_empty_or_mistyped_digest_list_is_a_problem(
+    tmp_path: Path, value: Any, problem: str
+) -> None:
+    """An empty list configures no key at all, so it is refused like a missing digest."""
+    data = config(callers={"billing": {"api_key_sha256": value, "accounts": ["*"]}})
+    assert problems(tmp_path, data) == [f"callers.billing.{problem}"]
+
+
+def test_digest_list_and_file_together_is_a_problem(tmp_path: Path) -> None:
+    """A list inline and a file of digests are as ambiguous as one digest and a file."""
+    digests = secret_file(tmp_path, "digests", f"{DIGEST}\n{NEW_DIGEST}\n")
+    data = config(
+        callers={
+            "billing": {
+                "api_key_sha256": [DIGEST, NEW_DIGEST],
+                "api_key_sha256_file": digests,
+                "accounts": ["*"],
+            }
+        }
+    )
+    assert problems(tmp_path, data) == [
+        "callers.billing.api_key_sha256_file: set either api_key_sha256 or "
+        "api_key_sha256_file, not both"
+    ]
+
+
+def test_digest_shared_by_two_callers_is_one_problem_per_digest(tmp_path: Path) -> None:
+    """A digest in two callers' lists is refused once for each digest shared, at its index
+    (or line) in the later caller; the caller's other digests are fine."""
+    third = "ef" * 32
+    fourth = "01" * 32
+    shared_file = secret_file(tmp_path, "ops", f"{fourth}\n{third}\n")
+    data = config(
+        callers={
+            "billing": {"api_key_sha256": [DIGEST, NEW_DIGEST, third], "accounts": ["*"]},
+            "ops": {"api_key_sha256": [f"sha256:{NEW_DIGEST}", fourth, DIGEST], "accounts": ["*"]},
+            "audit": {"api_key_sha256_file": shared_file, "accounts": ["*"]},
+        }
+    )
+    assert problems(tmp_path, data) == [
+        "callers.ops.api_key_sha256[0]: same key as caller 'billing' (each caller needs its own)",
+        "callers.ops.api_key_sha256[2]: same key as caller 'billing' (each caller needs its own)",
+        "callers.audit.api_key_sha256_file: line 1: same key as caller 'ops' "
+        "(each caller needs its own)",
+        "callers.audit.api_key_sha256_file: line 2: same key as caller 'billing' "
+        "(each caller needs its own)",
     ]
 
 
