@@ -1,4 +1,4 @@
-"""Token lifetimes from a JWT's own claims (DESIGN rule 5), and token fingerprints for logs."""
+"""Token lifetimes from a JWT's own claims (broker.md rule 5), and token fingerprints for logs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `monogoto-broker` command line (CONTRACT §2)."""
+"""The `monogoto-broker` command line (README.md, "Command line")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The broker's Prometheus metrics (CONTRACT §5).
+"""The broker's Prometheus metrics (docs/api.md, "Metrics").
 
 Labels only ever carry configured names (accounts, callers) and fixed vocabularies, never a
 token, a raw path or other user-supplied text. With several worker processes the metrics are

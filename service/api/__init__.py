@@ -1,4 +1,4 @@
-"""The broker's HTTP API (CONTRACT §4): caller authentication, tokens, accounts, operations."""
+"""The broker's HTTP API (docs/api.md): caller authentication, tokens, accounts, operations."""
 
 from service.api.app import create_app, create_app_from_env
 

@@ -1,7 +1,7 @@
 """The one place where exceptions become RFC 9457 `application/problem+json` responses.
 
 Every problem has `type` (`about:blank`: the `code` member names the problem), `title` (the
-HTTP reason phrase), `status`, `detail` and a stable `code` (CONTRACT §4). Details are fixed
+HTTP reason phrase), `status`, `detail` and a stable `code` (docs/api.md). Details are fixed
 texts or the broker's own messages, never the request's content: an invalid token or key sent
 by a caller is not echoed back.
 """

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (CONTRACT §4), as msgspec structs.
+"""Request and response bodies of the HTTP API (docs/api.md), as msgspec structs.
 
 msgspec encodes and validates these natively, which keeps the token hot path cheap, and
 Litestar derives the OpenAPI schemas from them.

@@ -1,4 +1,4 @@
-"""TokenBroker: local cache, shared store, and one upstream call per need (DESIGN rules 1-3)."""
+"""TokenBroker: local cache, shared store, and one upstream call per need (broker.md rules 1-3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Renews every account ahead of expiry, in every replica (DESIGN rule 5).
+"""Renews every account ahead of expiry, in every replica (broker.md rule 5).
 
 Each account has a task that sleeps until the cached token's refresh point (`fraction` of its
 lifetime, plus random jitter so replicas and accounts do not align) and then asks the broker

@@ -208,9 +208,9 @@ class Renewer:
         self, account: str, current: TokenRecord, lock: str, *, revoke: bool
     ) -> tuple[TokenRecord, TokenGrant]:
         """Store `current` without its refresh token (and, with `revoke`, with its access token
-        revoked) before calling Monogoto. The refresh token is noted as spent first (DESIGN rule
-        7): should this process die mid-refresh, whoever renews next logs in instead of sending
-        a token Monogoto may already have spent. The access token stays in use while valid,
+        revoked) before calling Monogoto. The refresh token is noted as spent first (broker.md
+        rule 7): should this process die mid-refresh, whoever renews next logs in instead of
+        sending a token Monogoto may already have spent. The access token stays in use while valid,
         unless revoked: then no replica serves it again, whether or not a new one comes.
 
         The note is fenced with the lock: a holder whose lease ran out writes nothing.

@@ -1,4 +1,4 @@
-"""Keeps this process's cache in step with the store (DESIGN rule 9).
+"""Keeps this process's cache in step with the store (broker.md rule 9).
 
 Two paths, because pub/sub messages are lost while a connection is down: a subscription that
 pulls a record as soon as another replica publishes it, and a poll of every account's version

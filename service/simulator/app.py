@@ -73,7 +73,7 @@ async def _serve_protected(
 
 
 class AuthController(Controller):
-    """Monogoto's authentication endpoints, both dialects (CONTRACT §1)."""
+    """Monogoto's authentication endpoints, both dialects (docs/simulator.md)."""
 
     path = "/"
 

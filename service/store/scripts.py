@@ -2,7 +2,7 @@
 only keys of one hash slot (every key of a call shares one hash tag)."""
 
 # Compare-and-set of a token record, its expiry and the change notice in one atomic step, so
-# no replica can overwrite a newer record or miss publishing what it wrote (DESIGN rule 3).
+# no replica can overwrite a newer record or miss publishing what it wrote (broker.md rule 3).
 # KEYS: record, spent refresh tokens, lock. ARGV: version, envelope, TTL ms, channel, notice,
 # lock token ('' = not fenced), fingerprint of a refresh token spent by this write ('' = none),
 # until when to remember it (epoch ms; 0 = forget it: it was put back unsent), now (epoch ms).
@@ -99,7 +99,7 @@ end
 """
 
 # A strict sliding log on Redis's own clock, so replicas with skewed clocks share one window
-# (DESIGN rule 4). KEYS: log, cool-down, epoch. ARGV: limit, period ms, unique suffix, units
+# (broker.md rule 4). KEYS: log, cool-down, epoch. ARGV: limit, period ms, unique suffix, units
 # held in reserve (a grant needs more than this many free), the caller's last known epoch,
 # the hold-back in ms for a new epoch, the longest cool-down in ms (a longer one, left by an
 # older broker that took Retry-After: 1e9 at its word, is cut to it).

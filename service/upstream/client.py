@@ -111,7 +111,7 @@ class MonogotoClient:
         """Trade a v1 refresh token for a new pair.
 
         Only failures that certainly left the token unused are retried with it: a 429, or a
-        request that never reached Monogoto. Any other failure marks it spent (DESIGN rule 7).
+        request that never reached Monogoto. Any other failure marks it spent (broker.md rule 7).
         """
         if account.dialect is not Dialect.V1:
             raise ValueError(f"account {account.name!r} uses the {account.dialect} dialect")

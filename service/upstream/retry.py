@@ -1,4 +1,4 @@
-"""Bounded, jittered retries of upstream calls that honour Retry-After (DESIGN rule 6)."""
+"""Bounded, jittered retries of upstream calls that honour Retry-After (broker.md rule 6)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 - `simulator_users`: the accounts the session simulator knows (username -> password).
 - `simulator_url`: base URL of the simulator started once per session.
 - `simulator`: a `SimulatorControl` on it, reset before the test (counters, faults,
-  rate-limit logs and settings back to the startup defaults of CONTRACT §1).
+  rate-limit logs and settings back to the startup defaults of docs/simulator.md).
 - `start_simulator`: start an extra simulator with its own CLI flags; stopped at session end.
 - `start_replicas`: start broker runtimes (in-process replicas) on the test's Redis and the
   session simulator; stopped after the test.

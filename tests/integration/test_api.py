@@ -1,4 +1,4 @@
-"""The broker's HTTP API (CONTRACT §4, §5) end to end: the app under uvicorn on a real Redis,
+"""The broker's HTTP API (docs/api.md) end to end: the app under uvicorn on a real Redis,
 with the simulator over HTTP."""
 
 from __future__ import annotations
@@ -449,7 +449,7 @@ async def test_operations_endpoints_need_no_key(client: Client) -> None:
 
 
 async def test_metrics_names_and_route_templates(client: Client) -> None:
-    """`/metrics` has every CONTRACT §5 metric and labels HTTP requests by route template."""
+    """`/metrics` has every metric docs/api.md lists and labels HTTP requests by route template."""
     await client.get("/v1/accounts/fleet-eu/token", headers=BILLING)
     text = (await client.get("/metrics")).text
     names = {family.name for family in text_string_to_metric_families(text)}

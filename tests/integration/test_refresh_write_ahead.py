@@ -1,4 +1,4 @@
-"""A refresh token is noted as spent in the store before it is sent (DESIGN rule 7), so a
+"""A refresh token is noted as spent in the store before it is sent (broker.md rule 7), so a
 replica that dies mid-refresh leaves no refresh token for another replica to send twice."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The simulator, driven over real HTTP, conforms to CONTRACT §1 and its control API."""
+"""The simulator, driven over real HTTP, answers as docs/simulator.md says, control API included."""
 
 from __future__ import annotations
 

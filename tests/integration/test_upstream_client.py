@@ -1,4 +1,4 @@
-"""The Monogoto client against the simulator over real HTTP: every outcome of CONTRACT §1."""
+"""The Monogoto client against the simulator over real HTTP: every outcome simulator.md lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token lifetimes from claims (DESIGN rule 5) and fingerprints."""
+"""Token lifetimes from claims (broker.md rule 5) and fingerprints."""
 
 from __future__ import annotations
 

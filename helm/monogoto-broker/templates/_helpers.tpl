@@ -101,7 +101,7 @@ Where the Secret is mounted in the container.
 
 {{/*
 The broker's config.yaml: the non-secret settings from values, and for every secret the path of
-its file in the mounted Secret (CONTRACT §3 `*_file` twins), so no secret is in the ConfigMap.
+its file in the mounted Secret (the `*_file` twins of docs/configuration.md), so no secret is in the ConfigMap.
 */}}
 {{- define "monogoto-broker.config" -}}
 {{- $dir := include "monogoto-broker.secretsDir" . -}}
