@@ -8,11 +8,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from service import keys
+from service.broker.model import MAX_MIN_TTL_SECONDS
 from service.config import ConfigError, config_path_from_env, load_settings
 
 EXIT_CONFIG_ERROR = 2
-# The token API's bound on min_ttl (7 days); the token command checks it before asking.
-MAX_MIN_TTL_SECONDS = 7 * 86400
 
 
 def _positive_float(text: str) -> float:

@@ -17,6 +17,8 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from service.upstream.client import retry_after_seconds
+
 BROKER_URL_ENV = "MONOGOTO_BROKER_URL"
 API_KEY_ENV = "MONOGOTO_BROKER_API_KEY"
 DEFAULT_BROKER_URL = "http://127.0.0.1:8080"
@@ -95,7 +97,7 @@ def fetch(request: TokenRequest) -> tuple[int, str]:
                 return EXIT_UNAVAILABLE, f"broker unreachable ({type(error).__name__})"
             if response.status_code == 200:
                 return _token(response)
-            wait = _retry_after(response)
+            wait = retry_after_seconds(response, cap=math.inf)
             if response.status_code == 503 and wait is not None and wait <= _left(deadline):
                 time.sleep(wait)
                 continue
@@ -115,14 +117,6 @@ def _token(response: httpx.Response) -> tuple[int, str]:
     if not isinstance(token, str) or not token:
         return EXIT_UNAVAILABLE, "the broker's answer holds no access_token"
     return EXIT_OK, token
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        seconds = float(response.headers.get("Retry-After", ""))
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _problem(response: httpx.Response, retry_after: float | None) -> str:

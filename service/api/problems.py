@@ -20,9 +20,10 @@ from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from service.api.schemas import MAX_ACCESS_TOKEN_LENGTH, MAX_BODY_BYTES, MAX_MIN_TTL_SECONDS
+from service.api.schemas import MAX_ACCESS_TOKEN_LENGTH, MAX_BODY_BYTES
 from service.api.security import ForbiddenError, UnauthenticatedError
 from service.broker import BrokerError
+from service.broker.model import MAX_MIN_TTL_SECONDS
 
 log = logging.getLogger(__name__)
 

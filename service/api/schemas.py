@@ -16,8 +16,6 @@ from service.broker import AccountStatus, AccountView, IssuedToken
 from service.config import Dialect
 
 _BEARER = "Bearer"  # the only token type Monogoto issues
-# No token lives this long; a larger `min_ttl` is a caller's mistake worth a 400.
-MAX_MIN_TTL_SECONDS = 7 * 24 * 3600
 # Generous for a JWT, small enough that nobody posts a novel.
 MAX_ACCESS_TOKEN_LENGTH = 16 * 1024
 # Far above any valid body (an invalidate request carries one token); larger ones get 413.

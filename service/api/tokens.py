@@ -21,10 +21,11 @@ from litestar.response.base import ASGIResponse
 from service.api.dependencies import provide_broker
 from service.api.failure_log import FAILURE_LOG_STATE_KEY, FailureLog
 from service.api.problems import problem_responses
-from service.api.schemas import MAX_MIN_TTL_SECONDS, InvalidateBody, TokenBody, seconds_left
+from service.api.schemas import InvalidateBody, TokenBody, seconds_left
 from service.api.security import Caller, authorise, requires_account_access
 from service.broker import BrokerError, IssuedToken, Outcome
 from service.broker.core import TokenBroker
+from service.broker.model import MAX_MIN_TTL_SECONDS
 from service.claims import fingerprint
 from service.metrics import token_requests
 

@@ -77,8 +77,6 @@ class TokenBroker:
         # Per account: the obtain in flight, and the caller it charges a forced renewal to.
         self._flights: dict[str, tuple[asyncio.Future[tuple[TokenRecord, Outcome]], str | None]]
         self._flights = {}
-        # Write-backs of records the store had lost, so that each is done once at a time.
-        self._restoring: set[str] = set()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -384,13 +382,10 @@ class TokenBroker:
         whether it was written."""
         token = self._states[account].token
         # An expired record would be refused anyway: no round trip for it every second.
-        if token is None or token.expires_at <= time.time() + 1 or account in self._restoring:
+        if token is None or token.expires_at <= time.time() + 1:
             return False
-        self._restoring.add(account)
-        try:
-            restored = await self._store.save(account, token.record)
-        finally:
-            self._restoring.discard(account)
+        # Two write-backs at once are harmless: the compare-and-set refuses the second.
+        restored = await self._store.save(account, token.record)
         if restored:
             log.warning(
                 "token record restored to the store, which held an older one or none",
@@ -417,15 +412,13 @@ class TokenBroker:
             if forced_by is not None:
                 # Only now is it sure that the caller's request costs an upstream call.
                 await self._charge(account, forced_by)
+            # A report was charged and revoked before its obtain began (see `invalidate`), so a
+            # flight that replaces a reported token is never a forced one.
             revoked = (
                 revoke is not None
                 and record is not None
                 and record.access_token.get_secret_value() == revoke
             )
-            if revoked:
-                # Once revoked, the token is served nowhere: replacing it is a need, whoever
-                # reported it (the report itself was charged above).
-                URGENCY.set(Urgency.NEEDED)
             renewed = await self._renewer.renew(account, record, lock=lock, revoke=revoked)
             return renewed, Outcome.FETCHED
         finally:

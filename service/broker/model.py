@@ -7,6 +7,10 @@ from enum import StrEnum
 
 from service.config import Dialect
 
+# The longest `min_ttl` a caller may ask for (7 days): no token lives this long, so a larger one
+# is a caller's mistake worth a 400 (the API's bound, and the token command's).
+MAX_MIN_TTL_SECONDS = 7 * 24 * 3600
+
 
 class Outcome(StrEnum):
     """Where a token came from (the `outcome` label of token_requests_total)."""

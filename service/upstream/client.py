@@ -314,7 +314,7 @@ def _string_field(
     return value
 
 
-def _retry_after(response: httpx.Response, cap: float) -> float | None:
+def retry_after_seconds(response: httpx.Response, cap: float) -> float | None:
     """Monogoto's Retry-After in seconds, between 0 and `cap`; None if absent or unusable.
 
     Seconds or an HTTP date (converted to seconds from now). A value that is neither, or is not
@@ -350,7 +350,7 @@ def _raise_for_status(
     if status == 200:
         return
     if status == 429:
-        retry_after = _retry_after(response, max_retry_after)
+        retry_after = retry_after_seconds(response, max_retry_after)
         raise RateLimitedError(account.name, operation, "rate limited (429)", retry_after)
     if status >= 500:
         raise TransientError(account.name, operation, f"status {status}", sent=True, timeout=False)

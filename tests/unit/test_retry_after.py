@@ -15,7 +15,7 @@ from service.broker.budget import DEFAULT_COOL_DOWN_SECONDS, AuthBudget
 from service.config import Account, AuthRate, ConfigError, Dialect, build_settings
 from service.store import TokenStore
 from service.upstream import MonogotoClient
-from service.upstream.client import _retry_after
+from service.upstream.client import retry_after_seconds
 
 CAP = 300.0
 ACCOUNT = Account(
@@ -39,7 +39,7 @@ def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def parse(value: str | None, cap: float = CAP) -> float | None:
     """What the client makes of a 429 with this Retry-After header (None: no header)."""
     headers = {} if value is None else {"Retry-After": value}
-    return _retry_after(httpx.Response(429, headers=headers), cap)
+    return retry_after_seconds(httpx.Response(429, headers=headers), cap)
 
 
 @pytest.mark.parametrize(
