@@ -58,6 +58,15 @@ STORE_ERRORS = Counter(
     "Operations on the shared store that failed (Redis unreachable or too slow).",
     ["operation"],
 )
+STORE_FAILOVERS = Counter(
+    PREFIX + "store_failovers_total",
+    "Times the store's epoch changed: a master restarted or a replica took over (failover).",
+)
+UNREPLICATED_NOTES = Counter(
+    PREFIX + "store_unreplicated_notes_total",
+    "Refresh tokens noted as spent that no store replica acknowledged in time (a login was "
+    "made instead of the refresh).",
+)
 
 # Labelled children of TOKEN_REQUESTS, looked up once: keys are configured names and a fixed
 # vocabulary, so the table stays as small as the label set itself.

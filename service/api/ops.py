@@ -6,7 +6,7 @@ from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 from litestar.plugins.prometheus import PrometheusController
 
-from service.api.schemas import CheckBody, HealthBody, ReadinessBody
+from service.api.schemas import CheckBody, HealthBody, ReadinessBody, StoreTopologyBody
 from service.broker.runtime import BrokerRuntime
 
 
@@ -26,7 +26,12 @@ class OpsController(Controller):
         """200 when this process can serve tokens, else 503; the body lists every check."""
         checks = [CheckBody(c.name, c.ok, c.detail) for c in await runtime.readiness()]
         ready = all(check.ok for check in checks)
-        return Response(ReadinessBody(ready, checks), status_code=200 if ready else 503)
+        survey = runtime.store_survey
+        store = None
+        if survey is not None:
+            store = StoreTopologyBody(survey.kind, sorted(survey.masters), survey.nodes)
+        body = ReadinessBody(ready, checks, store)
+        return Response(body, status_code=200 if ready else 503)
 
 
 class MetricsController(PrometheusController):

@@ -102,11 +102,22 @@ class CheckBody(msgspec.Struct):
     detail: str
 
 
+class StoreTopologyBody(msgspec.Struct):
+    """The store's nodes as last reached: its topology (memory, standalone, sentinel or
+    cluster), the masters it writes to (host:port) and how many nodes are known (masters,
+    replicas and, with Sentinel, sentinels)."""
+
+    topology: str
+    masters: list[str]
+    nodes: int
+
+
 class ReadinessBody(msgspec.Struct):
     """Whether this process can serve tokens, and why."""
 
     ready: bool
     checks: list[CheckBody]
+    store: StoreTopologyBody | None = None
 
 
 class HealthBody(msgspec.Struct):

@@ -385,7 +385,7 @@ class TokenBroker:
         if token is None or token.expires_at <= time.time() + 1:
             return False
         # Two write-backs at once are harmless: the compare-and-set refuses the second.
-        restored = await self._store.save(account, token.record)
+        restored = bool(await self._store.save(account, token.record))
         if restored:
             log.warning(
                 "token record restored to the store, which held an older one or none",

@@ -13,9 +13,10 @@ from service.broker.model import CredentialsRejectedError, UpstreamUnavailableEr
 from service.broker.state import AccountState
 from service.claims import fingerprint
 from service.config import Account, RefreshSettings
-from service.metrics import STORE_ERRORS
+from service.metrics import STORE_ERRORS, UNREPLICATED_NOTES
 from service.store import (
     FailureRecord,
+    Saved,
     Spent,
     StoreUnavailableError,
     TokenRecord,
@@ -231,12 +232,17 @@ class Renewer:
             saved = await self._store.save(account, noted, lock=lock, spends=spends)
         except StoreUnavailableError:
             STORE_ERRORS.labels("save").inc()
-            saved = False
+            saved = Saved(written=False)
         if not saved:
             return current, noted.grant()
         if spends is not None:
             self._spent[account][spends.fingerprint] = spends.until
         self._states[account].adopt(account, noted)
+        if not saved.replicated:
+            # The note is on the master only: a failover now could bring the refresh token
+            # back, and another replica would send it again. Log in instead; it stays unsent.
+            UNREPLICATED_NOTES.inc()
+            return noted, noted.grant()
         return noted, current.grant()
 
     async def _keep_refresh_token(

@@ -15,7 +15,7 @@ from service.broker.refresher import Refresher
 from service.broker.sync import StoreSync
 from service.config import Settings
 from service.crypto import TokenCipher
-from service.store import MemoryStore, RedisStore, StoreUnavailableError, TokenStore
+from service.store import MemoryStore, RedisStore, StoreUnavailableError, Survey, TokenStore
 from service.upstream import MonogotoClient, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class BrokerRuntime:
         self.settings = settings
         self.broker = broker
         self._store = store
+        # The store's nodes as the last readiness check found them (None until it reached them).
+        self.store_survey: Survey | None = None
         self._http = http
         self._sync = sync
         self._tasks: list[asyncio.Task[None]] = []
@@ -161,7 +163,7 @@ class BrokerRuntime:
         cached = sum(1 for view in views if view.expires_at is not None and view.expires_at > now)
         summary = f"{cached} of {len(views)} accounts have a valid cached token"
         try:
-            await self._store.ping()
+            self.store_survey = await self._store.topology()
         except StoreUnavailableError:
             return [Check("store", cached == len(views), f"unreachable; {summary}")]
         return [Check("store", True, f"reachable; {summary}")]

@@ -17,7 +17,7 @@ import asyncio
 import logging
 
 from service.broker.core import TokenBroker
-from service.metrics import STORE_ERRORS
+from service.metrics import STORE_ERRORS, STORE_FAILOVERS
 from service.store import StoreUnavailableError, TokenStore
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,12 @@ class StoreSync:
         pull newer records, write back ours where the store's is older or gone."""
         epoch = await self._store.epoch()
         if self._epoch and epoch != self._epoch:
+            STORE_FAILOVERS.inc()
+            survey = await self._store.topology()
             log.warning(
                 "token store restarted or failed over; restoring what this replica knows "
-                "and holding the auth budget back for one window"
+                "and holding the auth budget back for one window",
+                extra={"topology": survey.kind, "masters": sorted(survey.masters)},
             )
             await self._broker.reseed()
         self._epoch = epoch

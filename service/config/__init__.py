@@ -4,7 +4,7 @@
 problem (`path.to.field: what is wrong`) for an operator, never a secret nor a stack trace.
 """
 
-from service.config.fields import REDIS_SCHEMES, BaseUrl, Name
+from service.config.fields import BaseUrl, Name
 from service.config.loading import (
     CONFIG_ENV,
     ConfigError,
@@ -31,7 +31,6 @@ __all__ = [
     "CONFIG_ENV",
     "DEFAULT_BASE_URLS",
     "ENV_PREFIX",
-    "REDIS_SCHEMES",
     "Account",
     "AccountSettings",
     "AuthRate",

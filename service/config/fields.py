@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, SecretStr, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "memory")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 Loc: TypeAlias = tuple[str | int, ...]
@@ -41,16 +40,6 @@ def _check_base_url(url: str) -> str:
     if parts.query or parts.fragment:
         raise ValueError("must not have a query or fragment")
     return url.rstrip("/")
-
-
-def check_redis_url(url: str) -> None:
-    """Raise ValueError unless `url` has one of the `REDIS_SCHEMES`."""
-    try:
-        scheme = urlsplit(url).scheme
-    except ValueError:
-        scheme = ""
-    if scheme not in REDIS_SCHEMES:
-        raise ValueError("must be a redis://, rediss://, unix:// or memory:// URL")
 
 
 Name = Annotated[str, AfterValidator(_check_name)]

@@ -13,7 +13,6 @@ from service.config.fields import (
     KeyPrefix,
     Loc,
     Name,
-    check_redis_url,
     raise_problems,
     read_secret,
 )
@@ -26,6 +25,7 @@ from service.config.models import (
     RefreshSettings,
     UpstreamSettings,
 )
+from service.config.redis_url import check_store_url
 from service.keys import EncryptionKey, parse_encryption_keys
 
 ENV_PREFIX = "BROKER_"
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_inline_redis_url(cls, url: SecretStr) -> SecretStr:
-        check_redis_url(url.get_secret_value())
+        check_store_url(url.get_secret_value())
         return url
 
     @field_validator("accounts")
@@ -110,7 +110,7 @@ class Settings(BaseSettings):
         url = read_secret(self, "redis_url", problems)
         if url is not None and self.redis_url_file is not None:
             try:
-                check_redis_url(url)
+                check_store_url(url)
             except ValueError as error:
                 problems.append((("redis_url_file",), str(error)))
                 url = None

@@ -1,17 +1,20 @@
 """Shared broker state: the Redis store and the in-process store behind one interface."""
 
-from service.store.base import Change, Spent, StoreUnavailableError, TokenStore
+from service.store.base import Change, Saved, Spent, StoreUnavailableError, TokenStore
 from service.store.memory import MemoryStore
 from service.store.records import FailureRecord, TokenRecord, credentials_fingerprint
 from service.store.redis import RedisStore
+from service.store.topology import Survey
 
 __all__ = [
     "Change",
     "FailureRecord",
     "MemoryStore",
     "RedisStore",
+    "Saved",
     "Spent",
     "StoreUnavailableError",
+    "Survey",
     "TokenRecord",
     "TokenStore",
     "credentials_fingerprint",

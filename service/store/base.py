@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from service.store.records import FailureRecord, TokenRecord
+from service.store.topology import Survey
 
 
 class StoreUnavailableError(Exception):
@@ -32,6 +33,19 @@ class Spent:
     until: float
 
 
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """What became of a save: true when written. `replicated` is False only for a write that
+    noted a refresh token as spent, was made, and no replica of the store acknowledged in
+    time: a failover could still lose it, so the token must not be sent (broker.md rule 7)."""
+
+    written: bool
+    replicated: bool = True
+
+    def __bool__(self) -> bool:
+        return self.written
+
+
 class TokenStore(Protocol):
     """Shared state of all replicas: token records, locks, the auth budget, failure markers.
 
@@ -50,11 +64,11 @@ class TokenStore(Protocol):
         *,
         lock: str | None = None,
         spends: Spent | None = None,
-    ) -> bool:
+    ) -> Saved:
         """Write `record` unless the stored one has an equal or higher version, expiring it with
-        the token, and publish the change; False if refused. With `lock` (a release token) the
+        the token, and publish the change; false if refused. With `lock` (a release token) the
         write is fenced: refused unless that lock is still held with it. `spends` is remembered
-        as spent in the same step."""
+        as spent in the same step; see `Saved.replicated`."""
         ...
 
     async def remember_spent(self, account: str, spent: Sequence[Spent]) -> None:
@@ -122,6 +136,10 @@ class TokenStore(Protocol):
 
     async def ping(self) -> None:
         """Return if the store answers; raise StoreUnavailableError otherwise."""
+        ...
+
+    async def topology(self) -> Survey:
+        """The nodes the store stands on (for readiness); raises StoreUnavailableError."""
         ...
 
     async def close(self) -> None:

@@ -7,11 +7,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import redis.asyncio
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from service.store.base import Change, StoreUnavailableError
+from service.store.topology import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,7 @@ def notice(account: str, version: int) -> str:
 class ChangeFeed:
     """Subscriptions to one change channel; `close()` ends every one of them."""
 
-    def __init__(
-        self, client: redis.asyncio.Redis, channel: str, *, idle_ping_seconds: float
-    ) -> None:
+    def __init__(self, client: RedisClient, channel: str, *, idle_ping_seconds: float) -> None:
         self._client = client
         self._channel = channel
         self._idle_ping_seconds = idle_ping_seconds

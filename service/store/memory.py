@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from service.claims import fingerprint
-from service.store.base import Change, Spent
+from service.store.base import Change, Saved, Spent
 from service.store.records import FailureRecord, TokenRecord
+from service.store.topology import MasterState, Survey
 
 # One process for the store's whole life: its epoch never changes.
 _EPOCH = "memory"
@@ -55,23 +56,23 @@ class MemoryStore:
         *,
         lock: str | None = None,
         spends: Spent | None = None,
-    ) -> bool:
+    ) -> Saved:
         """Keep `record` unless it is expired, a record of equal or higher version is kept, or
         `lock` is given and no longer held with it."""
         if lock is not None and not self._holds(account, lock):
-            return False
+            return Saved(written=False)
         current = await self.load(account)
         if record.expires_at <= time.time() or (
             current is not None and current.version >= record.version
         ):
-            return False
+            return Saved(written=False)
         self._records[account] = record
         if spends is not None:
             await self.remember_spent(account, [spends])
         change = Change(account=account, version=record.version)
         for queue in self._subscribers:
             queue.put_nowait(change)
-        return True
+        return Saved(written=True)
 
     async def versions(self, accounts: Sequence[str]) -> dict[str, int]:
         """The kept version per account, 0 where there is none."""
@@ -186,6 +187,10 @@ class MemoryStore:
 
     async def ping(self) -> None:
         """Always answers: the store is this process."""
+
+    async def topology(self) -> Survey:
+        """One node: this process."""
+        return Survey("memory", {"in-process": MasterState(_EPOCH, 0)}, 1)
 
     async def close(self) -> None:
         """End every change iterator."""

@@ -11,15 +11,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from service.claims import fingerprint
 from service.config.models import MAX_RETRY_AFTER_SECONDS
 from service.crypto import EnvelopeError, TokenCipher
-from service.store.base import Change, Spent, StoreUnavailableError
+from service.store.base import Change, Saved, Spent, StoreUnavailableError
 from service.store.changes import ChangeFeed, honour_lost_cancellation, notice
 from service.store.records import FailureRecord, TokenRecord
 from service.store.scripts import (
@@ -31,11 +28,12 @@ from service.store.scripts import (
     TAKE_BUDGET,
     TAKE_FORCED,
 )
+from service.store.topology import RedisClient, Survey, Topology
 
 log = logging.getLogger(__name__)
 
-# Ping before reusing a pooled connection idle this long, so a dead one fails before a command.
-_HEALTH_CHECK_SECONDS = 30
+#: How long a write that spends a refresh token waits for a replica to acknowledge it.
+REPLICA_WAIT_SECONDS = 0.5
 
 
 @contextmanager
@@ -43,7 +41,9 @@ def _unavailable_on_error(action: str) -> Iterator[None]:
     """Turn any Redis failure into StoreUnavailableError; the message names only the action."""
     try:
         yield
-    except (RedisError, OSError) as error:  # OSError covers socket errors and TimeoutError
+    # OSError covers socket errors and TimeoutError; RedisClusterException, a cluster that
+    # cannot be reached or mapped.
+    except (RedisError, RedisClusterException, OSError) as error:
         honour_lost_cancellation()
         raise StoreUnavailableError(
             f"Redis unavailable {action} ({type(error).__name__})"
@@ -76,13 +76,15 @@ class RedisStore:
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: RedisClient,
         *,
         prefix: str,
         cipher: TokenCipher,
         idle_ping_seconds: float = 5.0,
+        topology: Topology | None = None,
     ) -> None:
         self._client = client
+        self._topology = topology or Topology(client)
         self._prefix = prefix
         self._cipher = cipher
         self._channel = f"{prefix}:changes"
@@ -94,9 +96,13 @@ class RedisStore:
         self._remember_spent = client.register_script(REMEMBER_SPENT)
         self._take_forced = client.register_script(TAKE_FORCED)
         self._feed = ChangeFeed(client, self._channel, idle_ping_seconds=idle_ping_seconds)
-        # The store's epoch (the server's run id) as the budget scripts last confirmed it, and
-        # as the last `epoch()` saw it; see scripts._EPOCH_CHECK.
-        self._budget_epoch = ""
+        # Per budget scope, the epoch (its master's run id) as the budget scripts last
+        # confirmed it; before that, the run id of its master when this process first looked
+        # (`_first_run_ids`, by master: '' where there is only one). See scripts._EPOCH_CHECK.
+        self._budget_epoch: dict[str, str] = {}
+        self._first_run_ids: dict[str, str] = {}
+        # The store's nodes as `epoch()` last saw them, and the epoch it saw then.
+        self._survey: Survey | None = None
         self._seen_epoch = ""
         # Per budget scope: its window (ms), and until when (monotonic) this process knows a
         # cool-down to be in force; both are held again when the store's epoch changes.
@@ -107,17 +113,10 @@ class RedisStore:
     def from_url(
         cls, url: str, *, prefix: str, cipher: TokenCipher, timeout_seconds: float = 2.0
     ) -> RedisStore:
-        """A store on a new client for `url`, whose commands time out and never retry
-        (retries belong to the caller's tenacity policy)."""
-        client = redis.asyncio.Redis.from_url(
-            url,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=_HEALTH_CHECK_SECONDS,
-            decode_responses=False,
-        )
-        return cls(client, prefix=prefix, cipher=cipher)
+        """A store on a new client for `url` (one server, Sentinel or Cluster), whose commands
+        time out and never retry (retries belong to the caller's tenacity policy)."""
+        topology = Topology.connect(url, timeout_seconds=timeout_seconds)
+        return cls(topology.client, prefix=prefix, cipher=cipher, topology=topology)
 
     def _key(self, account: str, kind: str) -> str:
         # The hash tag keeps all keys of one account in one Redis Cluster slot.
@@ -169,12 +168,14 @@ class RedisStore:
         *,
         lock: str | None = None,
         spends: Spent | None = None,
-    ) -> bool:
+    ) -> Saved:
         """Write `record` unless a record of equal or higher version is stored, or `lock` is
-        given and no longer held with it; publish it. `spends` is remembered with it."""
+        given and no longer held with it; publish it. `spends` is remembered with it; when it
+        notes a refresh token as spent and the master has replicas, the write waits (at most
+        REPLICA_WAIT_SECONDS) for one to acknowledge it, and says whether one did."""
         lifetime_ms = _milliseconds_until(record.expires_at)
         if not lifetime_ms:
-            return False
+            return Saved(written=False)
         envelope = self._cipher.seal(account, record.to_bytes(), _version_context(record.version))
         change = notice(account, record.version)
         args: list[bytes | str | int] = [
@@ -194,8 +195,48 @@ class RedisStore:
             self._key(account, "lock"),
         ]
         with _unavailable_on_error("while saving a token record"):
-            written = await self._save(keys=keys, args=args)
-        return int(written) == 1
+            if spends is None or not spends.until or not await self._has_replicas(keys[0]):
+                written = await self._save(keys=keys, args=args)
+                return Saved(written=int(written) == 1)
+            return await self._save_replicated(keys, args)
+
+    async def _has_replicas(self, key: str) -> bool:
+        """Whether the master holding `key` had replicas when the store was last surveyed."""
+        if self._survey is None:
+            await self._take_survey()
+        assert self._survey is not None  # noqa: S101  # taken just above
+        node = self._topology.master_of(key)
+        if node is None:
+            return any(state.replicas for state in self._survey.masters.values())
+        state = self._survey.masters.get(node.name)
+        return state is not None and state.replicas > 0
+
+    async def _save_replicated(self, keys: list[str], args: list[bytes | str | int]) -> Saved:
+        """SAVE_RECORD, then WAIT for one replica on the same connection (a pipeline to the
+        key's master), so the acknowledgement covers this very write."""
+        wait_ms = int(REPLICA_WAIT_SECONDS * 1000)
+        node = self._topology.master_of(keys[0])
+        for attempt in (1, 2):
+            pipeline = self._client.pipeline(transaction=False)
+            pipeline.evalsha(self._save.sha, len(keys), *keys, *args)
+            if node is None:
+                pipeline.wait(1, wait_ms)
+            else:
+                pipeline.execute_command("WAIT", 1, wait_ms, target_nodes=node)
+            written, acknowledged = await pipeline.execute(raise_on_error=False)
+            if isinstance(written, NoScriptError) and attempt == 1:
+                await self._client.script_load(SAVE_RECORD)
+                continue
+            if isinstance(written, Exception):
+                raise written
+            replicated = isinstance(acknowledged, int) and acknowledged >= 1
+            if int(written) == 1 and not replicated:
+                log.warning(
+                    "no replica of the token store acknowledged a spent refresh token in time",
+                    extra={"wait_ms": wait_ms},
+                )
+            return Saved(written=int(written) == 1, replicated=replicated)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def remember_spent(self, account: str, spent: Sequence[Spent]) -> None:
         """Remember refresh tokens as spent, each until its `until`."""
@@ -266,13 +307,13 @@ class RedisStore:
             self._windows[scope],
             secrets.token_hex(8),
             reserve,
-            self._budget_epoch,
+            self._known_epoch(scope),
             self._hold_ms(scope),
             _LONGEST_COOL_DOWN_MS,
         ]
         with _unavailable_on_error("while taking auth budget"):
             wait_ms, epoch = await self._take_budget(keys=self._budget_keys(scope), args=args)
-        self._budget_epoch = epoch.decode()
+        self._budget_epoch[scope] = epoch.decode()
         return int(wait_ms) / 1000
 
     async def cool_down(self, scope: str, seconds: float) -> None:
@@ -285,21 +326,35 @@ class RedisStore:
         await self._run_cool_down(scope, cool_ms)
 
     async def _run_cool_down(self, scope: str, cool_ms: int) -> None:
-        args: list[str | int] = [cool_ms, self._budget_epoch, self._hold_ms(scope)]
+        args: list[str | int] = [cool_ms, self._known_epoch(scope), self._hold_ms(scope)]
         with _unavailable_on_error("while setting a cool-down"):
             epoch = await self._cool_down(keys=self._budget_keys(scope), args=args)
-        self._budget_epoch = epoch.decode()
+        self._budget_epoch[scope] = epoch.decode()
+
+    def _known_epoch(self, scope: str) -> str:
+        """The epoch of `scope`'s master as this process last knew it ('' if never)."""
+        known = self._budget_epoch.get(scope)
+        if known is not None:
+            return known
+        node = self._topology.master_of(self._budget_key(scope, "log"))
+        return self._first_run_ids.get(node.name if node else "", "")
+
+    async def _take_survey(self) -> Survey:
+        survey = await self._topology.survey()
+        for name, state in survey.masters.items():
+            self._first_run_ids.setdefault(name if survey.kind == "cluster" else "", state.run_id)
+        self._survey = survey
+        return survey
 
     async def epoch(self) -> str:
-        """The store's epoch: the Redis server's run id, new after every restart or failover.
+        """The store's epoch: the run ids of its masters, new after any master restarts or is
+        replaced by a replica (a failover).
 
         When it differs from the one seen last, the budget of every scope this process has
         used is held back at once (see scripts._EPOCH_CHECK), not only at the next grant.
         """
         with _unavailable_on_error("while reading the store's epoch"):
-            info = await self._client.info("server")
-        epoch = str(info.get("run_id", ""))
-        self._budget_epoch = self._budget_epoch or epoch
+            epoch = (await self._take_survey()).epoch
         if self._seen_epoch and epoch != self._seen_epoch:
             for scope in list(self._windows):
                 cooling = self._cool_until.get(scope, 0.0) - time.monotonic()
@@ -355,10 +410,15 @@ class RedisStore:
         with _unavailable_on_error("while pinging"):
             await self._client.ping()
 
+    async def topology(self) -> Survey:
+        """The nodes the store stands on now: masters, their replicas, how many nodes."""
+        with _unavailable_on_error("while surveying the store's nodes"):
+            return await self._take_survey()
+
     async def close(self) -> None:
         """End every change subscription and close the client's connections."""
         await self._feed.close()
-        await self._client.aclose()
+        await self._topology.aclose()
 
 
 def _as_version(reply: object) -> int:

@@ -393,11 +393,54 @@ def test_key_prefix_is_checked(tmp_path: Path, prefix: str) -> None:
     assert problem.startswith("key_prefix: must be non-empty")
 
 
-@pytest.mark.parametrize("url", ["http://db:6379", "localhost:6379", ""])
+@pytest.mark.parametrize("url", ["http://db:6379", "localhost:6379", "", "redis+proxy://db"])
 def test_redis_url_scheme_is_checked(tmp_path: Path, url: str) -> None:
-    """Only redis, rediss, unix and memory URLs are accepted."""
+    """Only the documented schemes are accepted."""
     [problem] = problems(tmp_path, config(redis_url=url))
-    assert problem == "redis_url: must be a redis://, rediss://, unix:// or memory:// URL"
+    assert problem == (
+        "redis_url: must be a redis://, rediss://, unix://, memory://, redis+sentinel:// or "
+        "redis+cluster:// URL (rediss+sentinel:// and rediss+cluster:// for TLS)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+sentinel://:s3cret@/mymaster", "names no sentinel"),
+        ("redis+cluster://:s3cret@", "names no cluster node"),
+        ("redis+sentinel://:s3cret@h1:26379,h2:x/mymaster", "bad port 'x' for host 'h2'"),
+        ("redis+cluster://:s3cret@h1:70000", "bad port '70000' for host 'h1': must be 1-65535"),
+        ("redis+sentinel://:s3cret@h1,h2", "missing the service name"),
+        ("redis+sentinel://:s3cret@h1/mymaster/zero", "database 'zero' must be a number"),
+        ("redis+cluster://:s3cret@h1/3", "a cluster has only database 0"),
+        ("redis+cluster://:s3cret@h1?db=2", "unknown query parameter 'db'"),
+        ("redis+cluster://:s3cret@h1?ssl_ca_certs=/ca.pem", "unknown query parameter"),
+        ("redis+sentinel://:s3cret@h1/m?socket_timeout=0", "socket_timeout must be a number"),
+        ("rediss+cluster://:s3cret@h1?ssl_cert_reqs=maybe", "ssl_cert_reqs must be"),
+    ],
+)
+def test_sentinel_and_cluster_urls_are_checked(tmp_path: Path, url: str, message: str) -> None:
+    """A Sentinel or Cluster URL that cannot work is one clear line, without the password."""
+    [problem] = problems(tmp_path, config(redis_url=url, encryption_keys=KEY_LINE))
+    assert problem.startswith("redis_url: ")
+    assert message in problem
+    assert "s3cret" not in problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://:pw@redis-a:26379,redis-b,[::1]:26380/mymaster/2",
+        "rediss+sentinel://u:pw@redis/mymaster?sentinel_password=x&ssl_ca_certs=/ca.pem",
+        "redis+cluster://u:pw@node-1:7000,node-2:7001",
+        "rediss+cluster://u:pw@clustercfg.example:6379/?ssl_cert_reqs=none&socket_timeout=0.5",
+    ],
+)
+def test_sentinel_and_cluster_urls_are_accepted(tmp_path: Path, url: str) -> None:
+    """Every documented form loads (nothing connects before the broker starts)."""
+    settings = load(tmp_path, config(redis_url=url, encryption_keys=KEY_LINE))
+    assert settings.redis_url.get_secret_value() == url
+    assert not settings.uses_memory_store
 
 
 @pytest.mark.parametrize("url", ["rediss://db:6380/0", "unix:///run/redis.sock", "redis://db"])

@@ -1,0 +1,158 @@
+"""The `redis_url` forms: one server, a master that Sentinel watches, or a Redis Cluster.
+
+- `redis://`, `rediss://`, `unix://`: one server (or a fixed endpoint in front of several);
+- `redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/SERVICE[/DB]` (and
+  `rediss+sentinel://`): the sentinels to ask for the master named SERVICE;
+- `redis+cluster://[[user]:password@]host[:port][,host[:port]...]` (and `rediss+cluster://`):
+  any nodes of a cluster, as seeds;
+- `memory://`: the in-process store.
+
+`check_store_url` checks a URL without connecting and says what is wrong in words that never
+contain the password (docs/configuration.md, "Redis URL").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+Kind = Literal["memory", "standalone", "sentinel", "cluster"]
+
+#: Every scheme `redis_url` may have; `memory://` is the in-process store.
+STORE_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "memory",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
+_DEFAULT_PORTS: dict[str, int] = {"sentinel": 26379, "cluster": 6379}
+_QUERY = {
+    "sentinel": {"sentinel_username", "sentinel_password", "socket_timeout"},
+    "cluster": {"socket_timeout"},
+}
+_TLS_QUERY = {"ssl_ca_certs", "ssl_cert_reqs"}
+_CERT_REQS = ("required", "none")
+
+
+@dataclass(frozen=True)
+class StoreAddress:
+    """A parsed `redis_url` of the sentinel or cluster form (the others stay URLs)."""
+
+    kind: Kind
+    tls: bool
+    hosts: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    service_name: str = ""
+    db: int = 0
+    options: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+def scheme_of(url: str) -> str:
+    """The URL's scheme, '' if it has none or cannot be split."""
+    try:
+        return urlsplit(url).scheme
+    except ValueError:
+        return ""
+
+
+def check_store_url(url: str) -> None:
+    """Raise ValueError, with a message that never echoes the password, unless `url` is a
+    `redis_url` the broker can use."""
+    scheme = scheme_of(url)
+    if scheme not in STORE_SCHEMES:
+        raise ValueError(
+            "must be a redis://, rediss://, unix://, memory://, redis+sentinel:// or "
+            "redis+cluster:// URL (rediss+sentinel:// and rediss+cluster:// for TLS)"
+        )
+    if "+" in scheme:
+        parse_store_url(url)
+
+
+def parse_store_url(url: str) -> StoreAddress:
+    """The sentinels or cluster seeds of a `redis+sentinel://` or `redis+cluster://` URL (and
+    their `rediss+` forms); ValueError says what is wrong."""
+    parts = urlsplit(url)
+    base, _, kind_name = parts.scheme.partition("+")
+    if base not in ("redis", "rediss") or kind_name not in ("sentinel", "cluster"):
+        raise ValueError(f"unknown scheme {parts.scheme!r}")
+    kind: Kind = "sentinel" if kind_name == "sentinel" else "cluster"
+    if parts.fragment:
+        raise ValueError("must not have a fragment")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    hosts = tuple(_host(item, _DEFAULT_PORTS[kind]) for item in hostlist.split(",") if item)
+    if not hosts:
+        raise ValueError(f"names no {'sentinel' if kind == 'sentinel' else 'cluster node'}")
+    service_name, db = _path(kind, parts.path)
+    options = _options(kind, base == "rediss", parts.query)
+    return StoreAddress(
+        kind=kind,
+        tls=base == "rediss",
+        hosts=hosts,
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        service_name=service_name,
+        db=db,
+        options=options,
+    )
+
+
+def _host(item: str, default_port: int) -> tuple[str, int]:
+    host, colon, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
+    if not colon:
+        host, port = item, str(default_port)
+    host = host.removeprefix("[").removesuffix("]")
+    if not host:
+        raise ValueError(f"host missing before {':' + port!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port {port!r} for host {host!r}: must be 1-65535")
+    return host, int(port)
+
+
+def _path(kind: Kind, path: str) -> tuple[str, int]:
+    segments = [unquote(segment) for segment in path.split("/") if segment]
+    if kind == "cluster":
+        if segments not in ([], ["0"]):
+            raise ValueError("a cluster has only database 0: leave the path empty")
+        return "", 0
+    if not segments:
+        raise ValueError("missing the service name: redis+sentinel://HOSTS/SERVICE_NAME[/DB]")
+    if len(segments) > 2:
+        raise ValueError("path must be /SERVICE_NAME or /SERVICE_NAME/DB")
+    if len(segments) == 2 and not segments[1].isdigit():
+        raise ValueError(f"database {segments[1]!r} must be a number")
+    return segments[0], int(segments[1]) if len(segments) == 2 else 0
+
+
+def _options(kind: Kind, tls: bool, query: str) -> dict[str, str]:
+    allowed = _QUERY[kind] | (_TLS_QUERY if tls else set())
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError("malformed query string") from None
+    options: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise ValueError(f"unknown query parameter {name!r} (known: {known})")
+        options[name] = value
+    timeout = options.get("socket_timeout")
+    if timeout is not None and not _positive(timeout):
+        raise ValueError("socket_timeout must be a number of seconds above 0")
+    if options.get("ssl_cert_reqs", "required") not in _CERT_REQS:
+        raise ValueError("ssl_cert_reqs must be 'required' or 'none'")
+    return options
+
+
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
