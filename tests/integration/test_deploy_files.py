@@ -1,4 +1,5 @@
-"""The alert rules and the Grafana dashboard only name metrics a running broker really exposes."""
+"""The alert rules and the Grafana dashboard only name metrics a running broker really exposes;
+the Helm chart takes every Redis topology the broker supports."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.config.redis_url import STORE_SCHEMES
 from service.keys import new_api_key
 from tests.support import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
-CHART_ALERTS = ROOT / "helm" / "monogoto-broker" / "files" / "alerts.yaml"
+CHART = ROOT / "helm" / "monogoto-broker"
+CHART_ALERTS = CHART / "files" / "alerts.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "monogoto-broker.json"
 
 # Metrics from kube-state-metrics, not from the broker: the no-ready-replica alert needs them.
@@ -199,3 +202,21 @@ def test_metric_name_extraction() -> None:
     )
     assert metric_names(expression) == {"monogoto_broker_upstream_requests_total", "up"}
     assert label_names(expression) == {"namespace", "account", "result"}
+
+
+def test_chart_schema_takes_every_redis_url_scheme() -> None:
+    """`secrets.redisUrl` in the chart's values schema accepts every scheme the broker accepts
+    (Sentinel and Cluster included) and still rejects others."""
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    pattern = schema["properties"]["secrets"]["properties"]["redisUrl"]["pattern"]
+    for scheme in STORE_SCHEMES:
+        assert re.search(pattern, f"{scheme}://redis:6379"), f"the chart refuses {scheme}://"
+    for url in ("http://redis:6379", "redis+proxy://redis", "redis+sentinel:/redis", "redis:6379"):
+        assert not re.search(pattern, url), f"the chart accepts {url}"
+
+
+def test_network_policy_allows_sentinel_by_default() -> None:
+    """The chart's NetworkPolicy lets the pods reach Redis (6379) and Sentinel (26379) unless
+    the values say otherwise."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    assert {6379, 26379} <= set(values["networkPolicy"]["redis"]["ports"])
