@@ -18,12 +18,13 @@ short-lived synchronous `redis.Redis` clients with short timeouts and no retries
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,18 @@ class RedisServer:
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGKILL)
         self._process.wait()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Freeze the process (SIGSTOP) for the block, as a stalled machine would: it keeps
+        its connections but answers nothing; it continues (SIGCONT) afterwards."""
+        assert self._process is not None
+        assert self.running
+        self._process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._process.send_signal(signal.SIGCONT)
 
     def flush(self) -> None:
         """Delete every key."""
@@ -366,6 +379,11 @@ class RedisSentinelSet:
             if address:
                 named[sentinel.port] = int(address[1])
         return named
+
+    def replica(self) -> RedisServer:
+        """The data node that is not the master now."""
+        master = self.master_port()
+        return next(node for node in self._nodes if node.port != master)
 
     def _node(self, port: int) -> RedisServer:
         for node in self._nodes:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from service.store.base import Change, StoreUnavailableError
 from service.store.topology import RedisClient
 
 log = logging.getLogger(__name__)
+
+_CLOSE_WAIT_SECONDS = 1.0
 
 
 def honour_lost_cancellation() -> None:
@@ -33,22 +36,35 @@ def notice(account: str, version: int) -> str:
 class ChangeFeed:
     """Subscriptions to one change channel; `close()` ends every one of them."""
 
-    def __init__(self, client: RedisClient, channel: str, *, idle_ping_seconds: float) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        channel: str,
+        *,
+        idle_ping_seconds: float,
+        after_error: Callable[[BaseException], Awaitable[None]],
+    ) -> None:
         self._client = client
+        self._after_error = after_error
         self._channel = channel
         self._idle_ping_seconds = idle_ping_seconds
         self._pubsubs: set[PubSub] = set()
+        self._unsubscribed = asyncio.Event()  # set while no subscription is open
+        self._unsubscribed.set()
         self._closed = False
 
     async def changes(self) -> AsyncIterator[Change]:
         """Published writes; raises StoreUnavailableError when the subscription is lost."""
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         self._pubsubs.add(pubsub)
+        self._unsubscribed.clear()
         try:
             try:
+                # A cluster client maps its slots first (its subscription goes to one node).
+                await self._client.initialize()
                 await pubsub.subscribe(self._channel)
             except Exception as error:
-                self._failed(error)
+                await self._failed(error)
                 return
             while (data := await self._receive(pubsub)) is not None:
                 change = _parse_notice(data)
@@ -59,12 +75,19 @@ class ChangeFeed:
         finally:
             self._pubsubs.discard(pubsub)
             await _close(pubsub)
+            if not self._pubsubs:
+                self._unsubscribed.set()
 
     async def close(self) -> None:
         """End every subscription."""
         self._closed = True
         for pubsub in list(self._pubsubs):
             await _close(pubsub)
+        # Let each subscriber leave its loop and give its connection back before the client
+        # closes: a cluster client would otherwise keep a connection returned after it closed.
+        if self._pubsubs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._unsubscribed.wait(), _CLOSE_WAIT_SECONDS)
 
     async def _receive(self, pubsub: PubSub) -> bytes | None:
         """The next published payload, or None once closed."""
@@ -90,16 +113,18 @@ class ChangeFeed:
                     await pubsub.ping()
                     pinged = True
             except Exception as error:
-                self._failed(error)
+                await self._failed(error)
                 return None
         return None
 
-    def _failed(self, error: Exception) -> None:
+    async def _failed(self, error: Exception) -> None:
         """Return if close() tore the connection down under the subscription (any error is
-        then expected), else raise what the error means for the subscriber."""
+        then expected), else raise what the error means for the subscriber (after the
+        store's topology learnt from it: a cluster maps its slots again)."""
         if self._closed:
             return
-        if isinstance(error, RedisError | OSError):
+        if isinstance(error, RedisError | RedisClusterException | OSError):
+            await self._after_error(error)
             raise StoreUnavailableError(
                 f"Redis change subscription lost ({type(error).__name__})"
             ) from error

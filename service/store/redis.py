@@ -95,7 +95,12 @@ class RedisStore:
         self._extend = client.register_script(EXTEND_LOCK)
         self._remember_spent = client.register_script(REMEMBER_SPENT)
         self._take_forced = client.register_script(TAKE_FORCED)
-        self._feed = ChangeFeed(client, self._channel, idle_ping_seconds=idle_ping_seconds)
+        self._feed = ChangeFeed(
+            client,
+            self._channel,
+            idle_ping_seconds=idle_ping_seconds,
+            after_error=self._topology.after_error,
+        )
         # Per budget scope, the epoch (its master's run id) as the budget scripts last
         # confirmed it; before that, the run id of its master when this process first looked
         # (`_first_run_ids`, by master: '' where there is only one). See scripts._EPOCH_CHECK.
@@ -118,6 +123,19 @@ class RedisStore:
         topology = Topology.connect(url, timeout_seconds=timeout_seconds)
         return cls(topology.client, prefix=prefix, cipher=cipher, topology=topology)
 
+    @contextlib.asynccontextmanager
+    async def _reaching(self, action: str) -> AsyncIterator[None]:
+        """Around every command: the client made ready first (a cluster client maps its slots
+        before concurrent commands use it), any Redis failure turned into
+        StoreUnavailableError, after the topology has learnt from it."""
+        with _unavailable_on_error(action):
+            try:
+                await self._topology.ready()
+                yield
+            except (RedisError, RedisClusterException, OSError) as error:
+                await self._topology.after_error(error)
+                raise
+
     def _key(self, account: str, kind: str) -> str:
         # The hash tag keeps all keys of one account in one Redis Cluster slot.
         return f"{self._prefix}:{{{account}}}:{kind}"
@@ -131,7 +149,7 @@ class RedisStore:
         pipeline = self._client.pipeline(transaction=False)
         pipeline.hmget(self._key(account, "token"), ["v", "e"])
         pipeline.zrangebyscore(self._key(account, "spent"), _epoch_ms(time.time()), "+inf")
-        with _unavailable_on_error("while loading a token record"):
+        async with self._reaching("while loading a token record"):
             (version, envelope), spent = await pipeline.execute()
         if not isinstance(envelope, bytes):
             return None
@@ -194,7 +212,7 @@ class RedisStore:
             self._key(account, "spent"),
             self._key(account, "lock"),
         ]
-        with _unavailable_on_error("while saving a token record"):
+        async with self._reaching("while saving a token record"):
             if spends is None or not spends.until or not await self._has_replicas(keys[0]):
                 written = await self._save(keys=keys, args=args)
                 return Saved(written=int(written) == 1)
@@ -218,7 +236,8 @@ class RedisStore:
         node = self._topology.master_of(keys[0])
         for attempt in (1, 2):
             pipeline = self._client.pipeline(transaction=False)
-            pipeline.evalsha(self._save.sha, len(keys), *keys, *args)
+            # As a raw command: redis-py's cluster pipeline refuses its `evalsha` method.
+            pipeline.execute_command("EVALSHA", self._save.sha, len(keys), *keys, *args)
             if node is None:
                 pipeline.wait(1, wait_ms)
             else:
@@ -246,7 +265,7 @@ class RedisStore:
         args: list[str | int] = [_epoch_ms(time.time())]
         for item in live:
             args += [_epoch_ms(item.until), item.fingerprint]
-        with _unavailable_on_error("while remembering spent refresh tokens"):
+        async with self._reaching("while remembering spent refresh tokens"):
             await self._remember_spent(keys=[self._key(account, "spent")], args=args)
 
     async def versions(self, accounts: Sequence[str]) -> dict[str, int]:
@@ -254,7 +273,7 @@ class RedisStore:
         pipeline = self._client.pipeline(transaction=False)
         for account in accounts:
             pipeline.hget(self._key(account, "token"), "v")
-        with _unavailable_on_error("while reading versions"):
+        async with self._reaching("while reading versions"):
             replies: list[Any] = await pipeline.execute()
         return {
             account: _as_version(reply) for account, reply in zip(accounts, replies, strict=True)
@@ -268,19 +287,19 @@ class RedisStore:
         """Take the account's lock for `lease_seconds`; its release token, or None if held."""
         token = secrets.token_hex(16)
         lease_ms = max(1, int(lease_seconds * 1000))
-        with _unavailable_on_error("while taking a lock"):
+        async with self._reaching("while taking a lock"):
             taken = await self._client.set(self._key(account, "lock"), token, nx=True, px=lease_ms)
         return token if taken else None
 
     async def release_lock(self, account: str, token: str) -> None:
         """Release the lock if `token` still holds it."""
-        with _unavailable_on_error("while releasing a lock"):
+        async with self._reaching("while releasing a lock"):
             await self._release(keys=[self._key(account, "lock")], args=[token])
 
     async def extend_lock(self, account: str, token: str, lease_seconds: float) -> bool:
         """Renew the lease of the lock `token` holds; False if it is no longer held with it."""
         lease_ms = max(1, int(lease_seconds * 1000))
-        with _unavailable_on_error("while extending a lock"):
+        async with self._reaching("while extending a lock"):
             extended = await self._extend(keys=[self._key(account, "lock")], args=[token, lease_ms])
         return bool(extended)
 
@@ -311,7 +330,7 @@ class RedisStore:
             self._hold_ms(scope),
             _LONGEST_COOL_DOWN_MS,
         ]
-        with _unavailable_on_error("while taking auth budget"):
+        async with self._reaching("while taking auth budget"):
             wait_ms, epoch = await self._take_budget(keys=self._budget_keys(scope), args=args)
         self._budget_epoch[scope] = epoch.decode()
         return int(wait_ms) / 1000
@@ -327,7 +346,7 @@ class RedisStore:
 
     async def _run_cool_down(self, scope: str, cool_ms: int) -> None:
         args: list[str | int] = [cool_ms, self._known_epoch(scope), self._hold_ms(scope)]
-        with _unavailable_on_error("while setting a cool-down"):
+        async with self._reaching("while setting a cool-down"):
             epoch = await self._cool_down(keys=self._budget_keys(scope), args=args)
         self._budget_epoch[scope] = epoch.decode()
 
@@ -353,7 +372,7 @@ class RedisStore:
         When it differs from the one seen last, the budget of every scope this process has
         used is held back at once (see scripts._EPOCH_CHECK), not only at the next grant.
         """
-        with _unavailable_on_error("while reading the store's epoch"):
+        async with self._reaching("while reading the store's epoch"):
             epoch = (await self._take_survey()).epoch
         if self._seen_epoch and epoch != self._seen_epoch:
             for scope in list(self._windows):
@@ -369,13 +388,13 @@ class RedisStore:
         seconds until it may; reports of the same token (`report`) count once."""
         interval_ms = max(1, int(interval_seconds * 1000))
         key = self._key(account, f"forced:{caller}")
-        with _unavailable_on_error("while counting a forced renewal"):
+        async with self._reaching("while counting a forced renewal"):
             wait_ms = await self._take_forced(keys=[key], args=[interval_ms, report])
         return int(wait_ms) / 1000
 
     async def load_failure(self, account: str) -> FailureRecord | None:
         """The account's credentials-rejected marker, if one is in force."""
-        with _unavailable_on_error("while loading a failure marker"):
+        async with self._reaching("while loading a failure marker"):
             data = await self._client.get(self._key(account, "failure"))
         if not isinstance(data, bytes):
             return None
@@ -397,22 +416,22 @@ class RedisStore:
         if not until_ms:
             return
         sealed = self._cipher.seal(account, failure.to_bytes(), _FAILURE_CONTEXT)
-        with _unavailable_on_error("while saving a failure marker"):
+        async with self._reaching("while saving a failure marker"):
             await self._client.set(self._key(account, "failure"), sealed, px=until_ms)
 
     async def clear_failure(self, account: str) -> None:
         """Forget the account's credentials-rejected marker."""
-        with _unavailable_on_error("while clearing a failure marker"):
+        async with self._reaching("while clearing a failure marker"):
             await self._client.delete(self._key(account, "failure"))
 
     async def ping(self) -> None:
         """Return if Redis answers; raise StoreUnavailableError otherwise."""
-        with _unavailable_on_error("while pinging"):
+        async with self._reaching("while pinging"):
             await self._client.ping()
 
     async def topology(self) -> Survey:
         """The nodes the store stands on now: masters, their replicas, how many nodes."""
-        with _unavailable_on_error("while surveying the store's nodes"):
+        async with self._reaching("while surveying the store's nodes"):
             return await self._take_survey()
 
     async def close(self) -> None:

@@ -17,10 +17,23 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterError, RedisClusterException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.config.redis_url import Kind, StoreAddress, parse_store_url, scheme_of
 
 RedisClient = redis.asyncio.Redis | RedisCluster
+
+# Errors after which a cluster's slots are mapped again: a node gone, or the cluster saying
+# its map changed or is incomplete.
+_NODE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterError,
+    RedisClusterException,
+    OSError,
+)
 
 # Ping before reusing a pooled connection idle this long, so a dead one fails before a command.
 _HEALTH_CHECK_SECONDS = 30
@@ -93,6 +106,13 @@ class Topology:
         state = _master_state(info)
         return Survey(self.kind, {str(where): state}, 1 + state.replicas)
 
+    async def ready(self) -> None:
+        """Prepare the client for commands (nothing to do for one server)."""
+
+    async def after_error(self, error: BaseException) -> None:
+        """Learn from a failed command (one server: its client reconnects by itself; Sentinel's
+        asks the sentinels for the master on every new connection)."""
+
     def master_of(self, key: str) -> ClusterNode | None:
         """The cluster node that holds `key`; None where there is only one master."""
         del key
@@ -155,17 +175,31 @@ class ClusterTopology(Topology):
 
     def __init__(self, address: StoreAddress, kwargs: dict[str, Any]) -> None:
         seeds = [ClusterNode(host, port) for host, port in address.hosts]
-        super().__init__(RedisCluster(startup_nodes=seeds, **kwargs))
+        super().__init__(RedisCluster(startup_nodes=seeds, dynamic_startup_nodes=False, **kwargs))
 
     def _cluster(self) -> RedisCluster:
         assert isinstance(self.client, RedisCluster)  # noqa: S101  # made in __init__
         return self.client
 
+    async def ready(self) -> None:
+        """Map the cluster's slots unless they are mapped: redis-py's cluster client, used by
+        concurrent commands before that, sends some of them on connections being set up
+        (seen as `AttributeError` and `Connection closed by server`), so every command waits
+        for the mapping here first (the client serialises it; a no-op once done)."""
+        await self._cluster().initialize()
+
+    async def after_error(self, error: BaseException) -> None:
+        """After a node failed to answer, map the slots again before the next command: the
+        client would otherwise keep sending a dead master's slots to it (its pipelines never
+        re-map without retries, and the store allows none). Closing the client is how
+        redis-py's own retry does it; the next command reconnects."""
+        if isinstance(error, _NODE_ERRORS):
+            await self._cluster().aclose()
+
     async def survey(self) -> Survey:
         """Every master's run id and replica count (INFO on each master), and how many nodes
         the cluster has."""
         cluster = self._cluster()
-        await cluster.initialize()
         replies: dict[str, Any] = await cluster.info(target_nodes=RedisCluster.PRIMARIES)
         masters = {name: _master_state(info) for name, info in replies.items()}
         return Survey(self.kind, masters, len(cluster.get_nodes()))
