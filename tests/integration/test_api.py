@@ -24,6 +24,7 @@ from service.keys import api_key_digest, new_encryption_key
 from service.logs import JsonLinesFormatter
 from service.simulator.client import SimulatorControl
 from tests.support import eventually, free_port
+from tests.topologies import RedisServer
 
 Client = httpx.AsyncClient
 
@@ -433,8 +434,9 @@ async def test_accounts_are_filtered_per_caller(client: Client) -> None:
     assert token["access_token"] not in response.text + everything.text
 
 
-async def test_operations_endpoints_need_no_key(client: Client) -> None:
-    """Liveness, readiness and metrics answer without a caller key."""
+async def test_operations_endpoints_need_no_key(client: Client, redis_server: RedisServer) -> None:
+    """Liveness, readiness and metrics answer without a caller key; readiness describes the
+    store it reached."""
     health = await client.get("/healthz")
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
     ready = await client.get("/readyz")
@@ -443,6 +445,11 @@ async def test_operations_endpoints_need_no_key(client: Client) -> None:
     for check in ready.json()["checks"]:
         assert set(check) == {"name", "ok", "detail"}
         assert check["ok"] is True
+    assert ready.json()["store"] == {
+        "topology": "standalone",
+        "masters": [f"127.0.0.1:{redis_server.port}"],
+        "nodes": 1,
+    }
     metrics = await client.get("/metrics")
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
