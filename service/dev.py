@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ipaddress
 import logging
 import shlex
@@ -27,6 +28,20 @@ EXIT_USAGE = 2
 EXIT_START_FAILED = 1
 # Short: nothing here is worth waiting for, and the user pressed Ctrl-C.
 _GRACEFUL_SHUTDOWN_SECONDS = 3
+
+# Which of the two servers logs a line: each is served by a task of its own, and what it starts
+# (the broker's background tasks, its requests) inherits the task's context.
+_SERVER: contextvars.ContextVar[str] = contextvars.ContextVar("dev_server", default="")
+
+
+class _ServerLabel(logging.Filter):
+    """Adds `server` (`simulator` or `broker`) to every line one of the two servers logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = _SERVER.get()
+        if name and not hasattr(record, "server"):
+            record.server = name
+        return True
 
 
 def dev_settings(simulator_url: str, caller_digest: str, redis_url: str | None) -> Settings:
@@ -79,6 +94,8 @@ def run_dev(*, host: str, port: int, redis_url: str | None) -> int:
         simulator_app = create_simulator_app(SimulatorState({DEMO_USERNAME: DEMO_PASSWORD}))
     simulator = _DevServer(_server_config(simulator_app))
     broker = _DevServer(_server_config(create_app(settings)))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ServerLabel())
     banner = _banner(_url(broker_socket), simulator_url, key, in_memory=redis_url is None)
     with broker_socket, simulator_socket:
         started = asyncio.run(
@@ -152,8 +169,9 @@ async def _serve_both(
         loop.add_signal_handler(signum, stop.set)
     stopped = asyncio.create_task(stop.wait())
     running: list[tuple[_DevServer, asyncio.Task[None]]] = []
-    for server, sock in ((simulator, simulator_socket), (broker, broker_socket)):
-        task = asyncio.create_task(_serve(server, sock))
+    servers = (("simulator", simulator, simulator_socket), ("broker", broker, broker_socket))
+    for name, server, sock in servers:
+        task = asyncio.create_task(_serve(name, server, sock))
         running.append((server, task))
         if not await _started(server, task):
             break
@@ -170,7 +188,8 @@ async def _serve_both(
     return broker.started
 
 
-async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
+async def _serve(name: str, server: uvicorn.Server, sock: socket.socket) -> None:
+    _SERVER.set(name)  # in this task's own context: labels what this server logs
     try:
         await server.serve(sockets=[sock])
     except SystemExit:

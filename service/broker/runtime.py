@@ -124,8 +124,11 @@ class BrokerRuntime:
         # Take over tokens other replicas already hold, so a restart costs no login.
         try:
             await self._sync.poll_once()
-        except StoreUnavailableError:
-            log.warning("token store unavailable at start; will keep trying")
+        except StoreUnavailableError as error:
+            log.warning(
+                "token store unavailable at start; will keep trying",
+                extra={"store": self._store.address, "reason": error.reason},
+            )
             self._sync.store_ok = False
 
     def _spawn(self) -> None:

@@ -82,9 +82,12 @@ class StoreSync:
         while not self._stopped:
             try:
                 await self.poll_once()
-            except StoreUnavailableError:
+            except StoreUnavailableError as error:
                 if self.store_ok:
-                    log.warning("token store unavailable; serving cached tokens")
+                    log.warning(
+                        "token store unavailable; serving cached tokens",
+                        extra={"store": self._store.address, "reason": error.reason},
+                    )
                 self.store_ok = False
                 STORE_ERRORS.labels("poll").inc()
             await asyncio.sleep(POLL_INTERVAL_SECONDS)

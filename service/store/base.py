@@ -14,6 +14,14 @@ class StoreUnavailableError(Exception):
     """The store cannot be reached or did not answer in time; the operation had no effect
     that the caller can rely on."""
 
+    @property
+    def reason(self) -> str:
+        """What the Redis client said (e.g. `Error 111 connecting to 10.0.0.7:6379. Connection
+        refused.`), for logs: the client names hosts and ports, never passwords."""
+        cause = self.__cause__
+        text = f"{type(cause).__name__}: {cause}" if cause is not None else str(self)
+        return text[:300]
+
 
 @dataclass(frozen=True, slots=True)
 class Change:
@@ -140,6 +148,12 @@ class TokenStore(Protocol):
 
     async def topology(self) -> Survey:
         """The nodes the store stands on (for readiness); raises StoreUnavailableError."""
+        ...
+
+    @property
+    def address(self) -> str:
+        """Where the store is, for logs: hosts, ports, database or service name; never a
+        password."""
         ...
 
     async def close(self) -> None:

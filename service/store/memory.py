@@ -188,6 +188,11 @@ class MemoryStore:
     async def ping(self) -> None:
         """Always answers: the store is this process."""
 
+    @property
+    def address(self) -> str:
+        """This process."""
+        return "memory://"
+
     async def topology(self) -> Survey:
         """One node: this process."""
         return Survey("memory", {"in-process": MasterState(_EPOCH, 0)}, 1)

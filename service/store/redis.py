@@ -429,6 +429,11 @@ class RedisStore:
         async with self._reaching("while pinging"):
             await self._client.ping()
 
+    @property
+    def address(self) -> str:
+        """Where the store is (hosts, ports, database or service name; never a password)."""
+        return self._topology.address
+
     async def topology(self) -> Survey:
         """The nodes the store stands on now: masters, their replicas, how many nodes."""
         async with self._reaching("while surveying the store's nodes"):

@@ -106,6 +106,15 @@ class Topology:
         state = _master_state(info)
         return Survey(self.kind, {str(where): state}, 1 + state.replicas)
 
+    @property
+    def address(self) -> str:
+        """Where the server is: host:port/db or the socket path."""
+        assert isinstance(self.client, redis.asyncio.Redis)  # noqa: S101  # one server
+        kwargs = self.client.connection_pool.connection_kwargs
+        if kwargs.get("path"):
+            return f"unix://{kwargs['path']}"
+        return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+
     async def ready(self) -> None:
         """Prepare the client for commands (nothing to do for one server)."""
 
@@ -148,6 +157,8 @@ class SentinelTopology(Topology):
             list(address.hosts), sentinel_kwargs=sentinel_kwargs, **common, **tls, **credentials
         )
         self.service_name = address.service_name
+        hosts = ",".join(f"{host}:{port}" for host, port in address.hosts)
+        self._address = f"master {address.service_name!r} of sentinels {hosts}, db {address.db}"
         client = self.sentinel.master_for(
             address.service_name, redis_class=redis.asyncio.Redis, db=address.db
         )
@@ -162,6 +173,10 @@ class SentinelTopology(Topology):
         nodes = 1 + state.replicas + len(self.sentinel.sentinels)
         return Survey(self.kind, {f"{_text(host)}:{port}": state}, nodes)
 
+    @property
+    def address(self) -> str:
+        return self._address
+
     async def aclose(self) -> None:
         await super().aclose()
         for sentinel in self.sentinel.sentinels:
@@ -175,7 +190,12 @@ class ClusterTopology(Topology):
 
     def __init__(self, address: StoreAddress, kwargs: dict[str, Any]) -> None:
         seeds = [ClusterNode(host, port) for host, port in address.hosts]
+        self._address = "cluster of " + ",".join(f"{host}:{port}" for host, port in address.hosts)
         super().__init__(RedisCluster(startup_nodes=seeds, dynamic_startup_nodes=False, **kwargs))
+
+    @property
+    def address(self) -> str:
+        return self._address
 
     def _cluster(self) -> RedisCluster:
         assert isinstance(self.client, RedisCluster)  # noqa: S101  # made in __init__

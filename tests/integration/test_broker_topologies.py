@@ -1,8 +1,10 @@
 """The broker on a Redis Sentinel set: refreshes wait for a replica to hold the note that spends
-the refresh token, and log in instead when none acknowledges in time."""
+the refresh token, and log in instead when none acknowledges in time. And what it logs when
+its store, of any topology, cannot be reached."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,6 +14,7 @@ from service.broker.runtime import BrokerRuntime
 from service.config import build_settings
 from service.simulator.client import SimulatorControl
 from tests.integration.conftest import broker_config
+from tests.support import free_port
 from tests.topologies import RedisSentinelSet
 
 UNREPLICATED = "monogoto_broker_store_unreplicated_notes_total"
@@ -62,3 +65,34 @@ async def test_a_refresh_is_sent_only_once_a_replica_holds_its_note(
     assert counts(simulator) == (logins + 1, refreshes + 1), "a login, not a refresh"
     assert unreplicated() == before + 1
     assert simulator.calls("v1_refresh", "refresh_reused") == 0
+
+
+@pytest.mark.parametrize(
+    ("template", "where"),
+    [
+        ("redis://:hunter2@127.0.0.1:{port}/3", "127.0.0.1:{port}/3"),
+        (
+            "redis+sentinel://:hunter2@127.0.0.1:{port}/mymaster?sentinel_password=hunter2",
+            "master 'mymaster' of sentinels 127.0.0.1:{port}, db 0",
+        ),
+        ("redis+cluster://:hunter2@127.0.0.1:{port}", "cluster of 127.0.0.1:{port}"),
+    ],
+)
+async def test_an_unreachable_store_is_logged_with_its_address_and_the_reason(
+    caplog: pytest.LogCaptureFixture,
+    simulator_url: str,
+    simulator_users: dict[str, str],
+    template: str,
+    where: str,
+) -> None:
+    """Started against a store nobody listens on, the broker says where it looked and why it
+    failed, without the password."""
+    port = free_port()
+    config = broker_config(template.format(port=port), simulator_url, simulator_users)
+    with caplog.at_level(logging.WARNING, logger="service"):
+        runtime = await BrokerRuntime.start(build_settings(config))
+        await runtime.stop()
+    [line] = [r for r in caplog.records if r.getMessage().startswith("token store unavailable")]
+    assert getattr(line, "store", None) == where.format(port=port)
+    assert "Error" in getattr(line, "reason", "")
+    assert "hunter2" not in caplog.text

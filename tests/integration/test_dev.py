@@ -98,13 +98,18 @@ def test_printed_curls_fetch_a_demo_token_and_list_the_accounts(
 
 
 def test_sigterm_stops_dev_with_exit_code_0(dev: tuple[DevProcess, int]) -> None:
-    """After SIGTERM, dev shuts both servers down and exits 0."""
+    """After SIGTERM, dev shuts both servers down and exits 0; each server's start and stop
+    lines say which server they are from."""
     process, _ = dev
     process.printed_line(r"^\s*curl ")
 
     process.process.send_signal(signal.SIGTERM)
 
     assert process.process.wait(_STOP_SECONDS) == 0, process.output()
+    lines = [json.loads(line) for line in process.stderr_path.read_text().splitlines()]
+    for message in ("Application startup complete.", "Application shutdown complete."):
+        servers = sorted(line.get("server", "?") for line in lines if line["message"] == message)
+        assert servers == ["broker", "simulator"], process.output()
 
 
 def run_printed_shell(*lines: str) -> subprocess.CompletedProcess[str]:
