@@ -141,6 +141,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "and exit 2.",
     )
     check.add_argument("--config", type=Path, help="config file (default: $BROKER_CONFIG)")
+    check.add_argument(
+        "--helm-values",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="instead, check the config the Helm chart would mount with this values file "
+        "(repeatable, merged in order like helm -f; docs/operations.md)",
+    )
 
     token = commands.add_parser(
         "token",
@@ -224,6 +232,23 @@ def _check_config(path: Path | None) -> int:
     return 0
 
 
+def _check_helm_values(paths: list[Path], config: Path | None) -> int:
+    # What the chart (helm/monogoto-broker) would mount: service/helm_values.py.
+    from service.helm_values import check_helm_values  # noqa: PLC0415 (only for this option)
+
+    if config is not None:
+        print("check-config: give --config or --helm-values, not both")
+        return EXIT_CONFIG_ERROR
+    try:
+        summary = check_helm_values(paths)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem)
+        return EXIT_CONFIG_ERROR
+    print(summary)
+    return 0
+
+
 def _simulator(args: argparse.Namespace) -> int:
     from service.simulator.server import run_simulator  # noqa: PLC0415 (heavy import)
 
@@ -281,7 +306,11 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulator": _simulator,
     "serve": _serve,
     "dev": _dev,
-    "check-config": lambda args: _check_config(args.config),
+    "check-config": lambda args: (
+        _check_helm_values(args.helm_values, args.config)
+        if args.helm_values
+        else _check_config(args.config)
+    ),
     "token": _token,
     "new-api-key": _new_api_key,
     "new-encryption-key": _new_encryption_key,

@@ -100,50 +100,28 @@ Where the Secret is mounted in the container.
 {{- end }}
 
 {{/*
-The broker's config.yaml: the non-secret settings from values, and for every secret the path of
-its file in the mounted Secret (the `*_file` twins of docs/configuration.md), so no secret is in the ConfigMap.
+The broker's config.yaml: `config` as it is (the broker's own keys, docs/configuration.md), and for
+every secret the path of its file in the mounted Secret (the `*_file` twins of
+docs/configuration.md), so no secret is in the ConfigMap. service/helm_values.py makes the same
+mapping for `monogoto-broker check-config --helm-values`.
 */}}
 {{- define "monogoto-broker.config" -}}
 {{- $dir := include "monogoto-broker.secretsDir" . -}}
-{{- $config := dict
-  "redis_url_file" (printf "%s/redis-url" $dir)
-  "encryption_keys_file" (printf "%s/encryption-keys" $dir)
-  "key_prefix" .Values.config.keyPrefix
-  "upstream" (dict
-    "dialect" .Values.config.upstream.dialect
-    "timeout_seconds" .Values.config.upstream.timeoutSeconds
-    "auth_rate" (dict "limit" .Values.config.upstream.authRate.limit "period_seconds" .Values.config.upstream.authRate.periodSeconds)
-    "retry" (dict "max_attempts" .Values.config.upstream.retry.maxAttempts "max_elapsed_seconds" .Values.config.upstream.retry.maxElapsedSeconds)
-    "max_retry_after_seconds" .Values.config.upstream.maxRetryAfterSeconds)
-  "api" (dict "max_wait_seconds" .Values.config.api.maxWaitSeconds)
-  "refresh" (dict
-    "fraction" .Values.config.refresh.fraction
-    "min_remaining_seconds" .Values.config.refresh.minRemainingSeconds
-    "default_lifetime_seconds" .Values.config.refresh.defaultLifetimeSeconds
-    "rejected_backoff_seconds" .Values.config.refresh.rejectedBackoffSeconds)
--}}
-{{- if .Values.config.upstream.baseUrl }}
-{{- $_ := set $config.upstream "base_url" .Values.config.upstream.baseUrl }}
+{{- $config := deepCopy .Values.config -}}
+{{- $_ := set $config "redis_url_file" (printf "%s/redis-url" $dir) }}
+{{- $_ := set $config "encryption_keys_file" (printf "%s/encryption-keys" $dir) }}
+{{- range $name, $account := $config.accounts }}
+{{- $_ := set $account "password_file" (printf "%s/account-%s-password" $dir $name) }}
 {{- end }}
-{{- $accounts := dict }}
-{{- range $name, $account := .Values.config.accounts }}
-{{- $entry := dict "username" $account.username "password_file" (printf "%s/account-%s-password" $dir $name) }}
-{{- with $account.dialect }}{{ $_ := set $entry "dialect" . }}{{ end }}
-{{- with $account.baseUrl }}{{ $_ := set $entry "base_url" . }}{{ end }}
-{{- with $account.timeoutSeconds }}{{ $_ := set $entry "timeout_seconds" . }}{{ end }}
-{{- $_ := set $accounts $name $entry }}
+{{- range $name, $caller := $config.callers }}
+{{- $_ := set $caller "api_key_sha256_file" (printf "%s/caller-%s-api-key-sha256" $dir $name) }}
 {{- end }}
-{{- $_ := set $config "accounts" $accounts }}
-{{- $callers := dict }}
-{{- range $name, $caller := .Values.config.callers }}
-{{- $_ := set $callers $name (dict "api_key_sha256_file" (printf "%s/caller-%s-api-key-sha256" $dir $name) "accounts" $caller.accounts) }}
-{{- end }}
-{{- $_ := set $config "callers" $callers }}
 {{- toYaml $config }}
 {{- end }}
 
 {{/*
-What the chart-made Secret lacks, one "- value" line each (nothing with secrets.existingSecret).
+What the chart-made Secret lacks, one "- <value>: required ..." line each (nothing with
+secrets.existingSecret).
 */}}
 {{- define "monogoto-broker.missingSecrets" -}}
 {{- $missing := list }}
@@ -158,6 +136,40 @@ What the chart-made Secret lacks, one "- value" line each (nothing with secrets.
 {{- end }}
 {{- end }}
 {{- range $missing }}
-- {{ . }}
+- {{ . }}: required (or name a Secret of your own in secrets.existingSecret)
+{{- end }}
+{{- end }}
+
+{{/*
+Refuse values that give no working broker, all problems at once, one line each in the words of
+`monogoto-broker check-config --helm-values` (service/helm_values.py): no account, a caller
+naming an unknown account, a secret the chart-made Secret lacks, the in-process store with
+several replicas, a NetworkPolicy that no caller may pass.
+*/}}
+{{- define "monogoto-broker.validate" -}}
+{{- $problems := list }}
+{{- $accounts := .Values.config.accounts | default dict }}
+{{- if not $accounts }}
+{{- $problems = append $problems "- config.accounts: at least one account is required" }}
+{{- else }}
+{{- range $name, $caller := .Values.config.callers }}
+{{- range $index, $account := $caller.accounts }}
+{{- if and (ne $account "*") (not (hasKey $accounts $account)) }}
+{{- $problems = append $problems (printf "- config.callers.%s.accounts[%d]: unknown account '%s'" $name $index $account) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (hasPrefix "memory:" .Values.secrets.redisUrl) (or .Values.autoscaling.enabled (ne (int .Values.replicaCount) 1)) }}
+{{- $problems = append $problems "- secrets.redisUrl: memory:// is an in-process store: it needs replicaCount 1 and no autoscaling" }}
+{{- end }}
+{{- with include "monogoto-broker.missingSecrets" . | trim }}
+{{- $problems = append $problems . }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.callers) }}
+{{- $problems = append $problems "- networkPolicy.callers: required with networkPolicy.enabled (the peers that may call the broker; [{podSelector: {}}] for every pod of the release's namespace)" }}
+{{- end }}
+{{- with $problems }}
+{{- fail (printf "these values give no working broker (docs/operations.md, \"Check a config before rolling it out\"):\n%s" (join "\n" .)) }}
 {{- end }}
 {{- end }}
