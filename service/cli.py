@@ -9,7 +9,7 @@ from pathlib import Path
 
 from service import keys
 from service.broker.model import MAX_MIN_TTL_SECONDS
-from service.config import ConfigError, config_path_from_env, load_settings
+from service.config import ConfigError, check_config, config_path_from_env
 
 EXIT_CONFIG_ERROR = 2
 
@@ -222,11 +222,14 @@ def _check_config(path: Path | None) -> int:
         print("check-config: no config file given (--config PATH or BROKER_CONFIG)")
         return EXIT_CONFIG_ERROR
     try:
-        settings = load_settings(path)
+        checked = check_config(path)
     except ConfigError as error:
-        for problem in error.problems:
-            print(problem)
+        for line in [*(f"warning: {text}" for text in error.warnings), *error.report]:
+            print(line)
         return EXIT_CONFIG_ERROR
+    for warning in checked.warnings:
+        print(f"warning: {warning}")
+    settings = checked.settings
     accounts, callers = len(settings.accounts), len(settings.callers)
     print(f"{path}: OK ({_count(accounts, 'account')}, {_count(callers, 'caller')})")
     return 0

@@ -2,13 +2,18 @@
 
 `load_settings` is the entry point; every failure becomes a `ConfigError` holding one line per
 problem (`path.to.field: what is wrong`) for an operator, never a secret nor a stack trace.
+`check_config` is what `check-config` runs: the same, plus warnings and the source of each
+problem (the file's line or the environment variable).
 """
 
 from service.config.fields import BaseUrl, Name
 from service.config.loading import (
     CONFIG_ENV,
+    ConfigCheck,
     ConfigError,
+    Problem,
     build_settings,
+    check_config,
     config_path_from_env,
     load_settings,
 )
@@ -36,14 +41,17 @@ __all__ = [
     "AuthRate",
     "BaseUrl",
     "CallerSettings",
+    "ConfigCheck",
     "ConfigError",
     "Dialect",
     "Name",
+    "Problem",
     "RefreshSettings",
     "RetrySettings",
     "Settings",
     "UpstreamSettings",
     "build_settings",
+    "check_config",
     "config_path_from_env",
     "load_settings",
 ]

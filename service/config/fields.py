@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Annotated, TypeAlias
+from typing import Annotated, Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, SecretStr, ValidationError
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 Loc: TypeAlias = tuple[str | int, ...]
+Problems: TypeAlias = list[tuple[Loc, str]]
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def _check_name(name: str) -> str:
@@ -47,20 +58,97 @@ BaseUrl = Annotated[str, AfterValidator(_check_base_url)]
 KeyPrefix = Annotated[str, AfterValidator(_check_key_prefix)]
 
 
-def raise_problems(problems: list[tuple[Loc, str]]) -> None:
-    """Report several problems at once, each at its own location below the current model."""
-    if problems:
+def raise_problems(problems: Problems, errors: Sequence[ErrorDetails] = ()) -> None:
+    """Report several problems at once, each at its own location below the current model,
+    after `errors` (problems pydantic found in the fields, kept as they are)."""
+    if problems or errors:
         raise ValidationError.from_exception_data(
             "config",
             [
-                InitErrorDetails(
-                    type=PydanticCustomError("config", "{message}", {"message": text}),
-                    loc=loc,
-                    input=None,
-                )
-                for loc, text in problems
+                *(
+                    InitErrorDetails(
+                        type=PydanticCustomError(error["type"], error["msg"], error.get("ctx")),
+                        loc=error["loc"],
+                        input=None,
+                    )
+                    for error in errors
+                ),
+                *(
+                    InitErrorDetails(
+                        type=PydanticCustomError("config", "{message}", {"message": text}),
+                        loc=loc,
+                        input=None,
+                    )
+                    for loc, text in problems
+                ),
             ],
+            hide_input=True,
         )
+
+
+def errors_below(errors: Sequence[ErrorDetails], *loc: str | int) -> list[ErrorDetails]:
+    """The errors at or below `loc`, with their locations relative to it."""
+    return [
+        {**error, "loc": error["loc"][len(loc) :]}
+        for error in errors
+        if error["loc"][: len(loc)] == loc
+    ]
+
+
+@cache
+def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    annotation: Any = model.model_fields[name].annotation
+    return TypeAdapter(annotation)
+
+
+def valid_part(
+    model: type[Model], data: object, errors: Sequence[ErrorDetails], names: Collection[str]
+) -> Model | None:
+    """An incomplete `model` holding only its fields `names`, taken from the raw `data`, for a
+    check that combines them while other fields are invalid; None if one of them is invalid
+    (`errors` already names it) or `data` is not a mapping."""
+    if not isinstance(data, Mapping) or any(
+        error["loc"][:1] and error["loc"][0] in names for error in errors
+    ):
+        return None
+    values: dict[str, Any] = {}
+    for name in names:
+        if name in data:
+            try:
+                values[name] = _field_adapter(model, name).validate_python(data[name])
+            except ValidationError:
+                return None
+    return model.model_construct(_fields_set=set(values), **values)
+
+
+def check_fields(
+    model: type[Model],
+    data: object,
+    handler: ModelWrapValidatorHandler[Model],
+    checks: Mapping[tuple[str, ...], Callable[[Model], Problems]],
+) -> Model:
+    """Validate `data` (the body of a wrap model validator), then run `checks`, each a check
+    combining the fields it is keyed by; report every problem at once. A check also runs when
+    other fields are invalid, on its own fields as long as those are valid, so that one run
+    lists both field problems and the problems found by combining fields."""
+    if isinstance(data, model):
+        return handler(data)
+    try:
+        validated = handler(data)
+    except ValidationError as error:
+        if not isinstance(data, Mapping):
+            raise
+        errors = error.errors()
+        problems: Problems = []
+        for names, check in checks.items():
+            part = valid_part(model, data, errors, names)
+            if part is not None:
+                problems += check(part)
+        raise_problems(problems, errors)
+        raise  # not reached: there are errors
+    problems = [problem for check in checks.values() for problem in check(validated)]
+    raise_problems(problems)
+    return validated
 
 
 def _read_file(path: Path) -> str:
@@ -76,7 +164,7 @@ def _read_file(path: Path) -> str:
 
 
 def read_secret(
-    model: BaseModel, name: str, problems: list[tuple[Loc, str]], *, required: bool = True
+    model: BaseModel, name: str, problems: Problems, *, required: bool = True
 ) -> str | None:
     """Return the secret from field `name` or from the file its `<name>_file` twin names."""
     value: SecretStr | None = getattr(model, name)

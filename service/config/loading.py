@@ -2,29 +2,79 @@
 
 from __future__ import annotations
 
+import copy
 import os
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
-from pydantic_settings import SettingsError
 
-from service.config.settings import ENV_PREFIX, Settings
+from service.config.settings import Settings
+from service.config.sources import (
+    CONFIG_ENV,
+    Origins,
+    file_origins,
+    merge,
+    read_environment,
+    unknown_settings,
+)
 
-CONFIG_ENV = "BROKER_CONFIG"
+__all__ = [
+    "CONFIG_ENV",
+    "ConfigCheck",
+    "ConfigError",
+    "Problem",
+    "build_settings",
+    "check_config",
+    "config_path_from_env",
+    "load_settings",
+]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake, `path.to.field: what is wrong`, and where the value came from if that is
+    known: `config.yaml line 12` or the environment variable `BROKER_UPSTREAM__TIMEOUT`."""
+
+    text: str
+    source: str | None = None
+
+    def __str__(self) -> str:
+        return self.text if self.source is None else f"{self.text} (from {self.source})"
 
 
 class ConfigError(Exception):
-    """The configuration is unusable; `problems` holds one line per mistake."""
+    """The configuration is unusable; `problems` holds one line per mistake, `report` the same
+    lines saying where each value came from, `warnings` what is suspicious though valid."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: Sequence[str | Problem], warnings: Sequence[str] = ()) -> None:
         # One line each, whatever a YAML or OS message contained.
-        self.problems = [" ".join(problem.split()) for problem in problems]
+        self.details = [
+            Problem(_one_line(problem.text), problem.source and _one_line(problem.source))
+            if isinstance(problem, Problem)
+            else Problem(_one_line(problem))
+            for problem in problems
+        ]
+        self.problems = [problem.text for problem in self.details]
+        self.report = [str(problem) for problem in self.details]
+        self.warnings = [_one_line(warning) for warning in warnings]
         super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class ConfigCheck:
+    """A valid configuration and the warnings about it (`check-config` prints them)."""
+
+    settings: Settings
+    warnings: list[str]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def config_path_from_env() -> Path | None:
@@ -35,33 +85,40 @@ def config_path_from_env() -> Path | None:
 
 def load_settings(path: Path) -> Settings:
     """Read the YAML file at `path`, apply `BROKER_*` overrides and validate; raises ConfigError."""
-    return build_settings(_read_yaml(path))
+    return check_config(path).settings
+
+
+def check_config(path: Path) -> ConfigCheck:
+    """`load_settings` with what `check-config` prints besides: the warnings, and (in the
+    ConfigError's `report`) the file line or environment variable behind each problem."""
+    data, node = _read_document(path)
+    return _build(data, file_origins(node, str(path)), str(path))
 
 
 def build_settings(data: Mapping[Any, Any]) -> Settings:
     """Validate a config file's top-level mapping plus `BROKER_*` overrides; raises ConfigError."""
-    problems = _unknown_env_overrides()
+    return _build(data, Origins(), None).settings
+
+
+def _build(data: Mapping[Any, Any], origins: Origins, file: str | None) -> ConfigCheck:
+    problems = [Problem(problem) for problem in unknown_settings(os.environ)]
     fields: dict[str, Any] = {}
     for key, value in data.items():
         # Underscore keys would reach BaseSettings' own options (`_env_prefix`, ...).
         if isinstance(key, str) and not key.startswith("_"):
-            fields[key] = value
+            fields[key] = copy.deepcopy(value)
         else:
-            problems.append(f"{key}: unknown key")
+            problems.append(Problem(f"{key}: unknown key", origins.of((str(key),))))
+    environment = read_environment(os.environ, fields, file)
+    problems += [Problem(problem) for problem in environment.problems]
+    merge(fields, environment, origins)
     try:
         settings = Settings(**fields)
     except ValidationError as error:
-        problems += [_describe(detail) for detail in error.errors(include_input=False)]
-    except SettingsError as error:
-        match = re.search(r'field "([^"]+)"', str(error))
-        name = match.group(1) if match else "?"
-        problems.append(
-            f"{ENV_PREFIX}{name.upper()}*: a list or mapping given in an environment variable "
-            """must be JSON, e.g. '["fleet-eu"]'"""
-        )
+        problems += [_describe(detail, origins) for detail in error.errors(include_input=False)]
     if problems:
-        raise ConfigError(problems)
-    return settings
+        raise ConfigError(problems, environment.warnings)
+    return ConfigCheck(settings, environment.warnings)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -84,6 +141,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _read_yaml(path: Path) -> Mapping[Any, Any]:
+    return _read_document(path)[0]
+
+
+def _read_document(path: Path) -> tuple[Mapping[Any, Any], yaml.Node | None]:
+    """The file's top-level mapping and its YAML node (which knows the line of every key)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
@@ -91,7 +153,7 @@ def _read_yaml(path: Path) -> Mapping[Any, Any]:
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
     try:
-        data = _parse_yaml(text)
+        data, node = _parse_yaml(text)
     except yaml.MarkedYAMLError as error:
         raise ConfigError([f"{path}: {_yaml_problem(error)}"]) from None
     except yaml.reader.ReaderError as error:
@@ -99,16 +161,17 @@ def _read_yaml(path: Path) -> Mapping[Any, Any]:
     except yaml.YAMLError:
         raise ConfigError([f"{path}: not valid YAML"]) from None
     if data is None:
-        return {}
+        return {}, None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of settings"])
-    return data
+    return data, node
 
 
-def _parse_yaml(text: str) -> Any:
+def _parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
     loader = _UniqueKeyLoader(text)
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        return (loader.construct_document(node) if node is not None else None), node
     finally:
         loader.dispose()
 
@@ -124,18 +187,6 @@ def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
     if error.context and error.context_mark:
         text += f" ({error.context} at {at(error.context_mark)})"
     return text
-
-
-def _unknown_env_overrides() -> list[str]:
-    # pydantic-settings ignores variables that match no field; a typo must not go unnoticed.
-    problems = []
-    for name in os.environ:
-        upper = name.upper()
-        if upper.startswith(ENV_PREFIX) and upper != CONFIG_ENV:
-            field = upper.removeprefix(ENV_PREFIX).split("__", 1)[0].lower()
-            if field not in Settings.model_fields:
-                problems.append(f"{name}: unknown setting {field!r} (environment variable)")
-    return sorted(problems)
 
 
 _MESSAGES = {
@@ -162,7 +213,7 @@ _MESSAGES = {
 }
 
 
-def _describe(detail: ErrorDetails) -> str:
+def _describe(detail: ErrorDetails, origins: Origins) -> Problem:
     """One problem line; built from the error type, never from the (possibly secret) input."""
     path = ""
     for part in detail["loc"]:
@@ -177,4 +228,4 @@ def _describe(detail: ErrorDetails) -> str:
             text = _MESSAGES[kind].format_map(ctx)
         except KeyError:
             text = detail["msg"]
-    return f"{path or 'config'}: {text}"
+    return Problem(f"{path or 'config'}: {text}", origins.of(detail["loc"]))

@@ -6,24 +6,39 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     PrivateAttr,
     SecretStr,
     field_validator,
     model_validator,
 )
 
-from service.config.fields import BaseUrl, Loc, raise_problems, read_secret
+from service.config.fields import (
+    BaseUrl,
+    Loc,
+    Problems,
+    check_fields,
+    raise_problems,
+    read_secret,
+)
 from service.keys import DIGEST_PREFIX
 
 ALL_ACCOUNTS = "*"
+DIGEST_FIELDS = ("api_key_sha256", "api_key_sha256_file")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _BAD_DIGEST = "must be 'sha256:' and 64 hex digits (see new-api-key)"
+# How the keys of `new-api-key` begin (service/keys.py): a caller key pasted where its digest
+# belongs is named as such, without quoting it.
+_KEY_PREFIX = "mgb_"
+_PASTED_KEY = (
+    "this looks like the key itself (line 1 of new-api-key); give the sha256:... digest (line 2)"
+)
 _EMPTY_DIGEST_LIST = "list at least one digest (several only while rotating a key)"
 
 # Upper bounds of durations: far beyond any sensible setting, yet small enough that every
@@ -132,13 +147,17 @@ class AccountSettings(_Section):
     base_url: BaseUrl | None = None
     timeout_seconds: float | None = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS)
 
-    @model_validator(mode="after")
-    def _read_password(self) -> Self:
-        problems: list[tuple[Loc, str]] = []
+    @model_validator(mode="wrap")
+    @classmethod
+    def _read_password(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        return check_fields(cls, data, handler, {("password", "password_file"): cls._password})
+
+    def _password(self) -> Problems:
+        problems: Problems = []
         password = read_secret(self, "password", problems)
-        raise_problems(problems)
-        self.password = SecretStr(password or "")
-        return self
+        if password is not None:
+            self.password = SecretStr(password)
+        return problems
 
     def resolve(self, name: str, upstream: UpstreamSettings) -> Account:
         """Apply the upstream defaults; the default base URL follows the effective dialect."""
@@ -194,10 +213,41 @@ class CallerSettings(_Section):
             raise ValueError(f"list at least one account name, or '{ALL_ACCOUNTS}' for all")
         return accounts
 
-    @model_validator(mode="after")
-    def _read_digests(self) -> Self:
-        problems: list[tuple[Loc, str]] = []
-        entries: list[tuple[Loc, str, str]] = []  # (location, message prefix, digest text)
+    @model_validator(mode="wrap")
+    @classmethod
+    def _read_digests(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        return check_fields(cls, data, handler, {DIGEST_FIELDS: cls.read_digests})
+
+    def read_digests(self) -> Problems:
+        """Read and check this caller's digests (inline or from its file) and keep them for
+        `key_digests`; the problems found, by location below the caller."""
+        problems: Problems = []
+        digests: list[str] = []
+        sources: list[tuple[Loc, str]] = []
+        for loc, prefix, text in self._digest_entries(problems):
+            digest = text.strip().lower().removeprefix(DIGEST_PREFIX)
+            if any(line.strip().startswith(_KEY_PREFIX) for line in text.splitlines()):
+                problems.append((loc, prefix + _PASTED_KEY))
+            elif not _DIGEST.fullmatch(digest):
+                problems.append((loc, prefix + _BAD_DIGEST))
+            elif digest in digests:
+                first_loc, first_prefix = sources[digests.index(digest)]
+                problems.append(
+                    (loc, prefix + f"same digest as {_describe(first_loc, first_prefix)}")
+                )
+            else:
+                digests.append(digest)
+                sources.append((loc, prefix))
+        if not problems:
+            self.api_key_sha256 = [SecretStr(digest) for digest in digests]
+            self._digests = tuple(digests)
+            self._sources = tuple(sources)
+        return problems
+
+    def _digest_entries(self, problems: Problems) -> list[tuple[Loc, str, str]]:
+        """Each configured digest text with its location and message prefix (`line 3: ` in a
+        file of several)."""
+        entries: list[tuple[Loc, str, str]] = []
         value = self.api_key_sha256
         if isinstance(value, list) and self.api_key_sha256_file is None:
             if not value:
@@ -217,25 +267,7 @@ class CallerSettings(_Section):
                     entries.append((("api_key_sha256_file",), prefix, line))
             elif text is not None:
                 entries.append((("api_key_sha256",), "", text))
-        digests: list[str] = []
-        sources: list[tuple[Loc, str]] = []
-        for loc, prefix, text in entries:
-            digest = text.strip().lower().removeprefix(DIGEST_PREFIX)
-            if not _DIGEST.fullmatch(digest):
-                problems.append((loc, prefix + _BAD_DIGEST))
-            elif digest in digests:
-                first_loc, first_prefix = sources[digests.index(digest)]
-                problems.append(
-                    (loc, prefix + f"same digest as {_describe(first_loc, first_prefix)}")
-                )
-            else:
-                digests.append(digest)
-                sources.append((loc, prefix))
-        raise_problems(problems)
-        self.api_key_sha256 = [SecretStr(digest) for digest in digests]
-        self._digests = tuple(digests)
-        self._sources = tuple(sources)
-        return self
+        return entries
 
     def key_digests(self) -> tuple[str, ...]:
         """Lowercase hex SHA-256 of each of this caller's keys (several while rotating)."""

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.config.fields import (
     KeyPrefix,
-    Loc,
     Name,
+    Problems,
+    errors_below,
     raise_problems,
     read_secret,
+    valid_part,
 )
 from service.config.models import (
     ALL_ACCOUNTS,
+    DIGEST_FIELDS,
     Account,
     AccountSettings,
     ApiSettings,
@@ -29,15 +41,13 @@ from service.config.redis_url import check_store_url
 from service.keys import EncryptionKey, parse_encryption_keys
 
 ENV_PREFIX = "BROKER_"
+_SHARED_SECRETS = ("redis_url", "redis_url_file", "encryption_keys", "encryption_keys_file")
 
 
 class Settings(BaseSettings):
     """The whole broker configuration."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        case_sensitive=False,
         extra="forbid",
         allow_inf_nan=False,
         hide_input_in_errors=True,
@@ -63,8 +73,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Environment first: it is deep-merged over the file's values (init kwargs)."""
-        return env_settings, init_settings
+        """The given values only: `service.config.loading` merges the `BROKER_*` environment
+        variables into the file's values itself, knowing where each value came from."""
+        return (init_settings,)
 
     @field_validator("redis_url")
     @classmethod
@@ -79,34 +90,31 @@ class Settings(BaseSettings):
             raise ValueError("at least one account is required")
         return accounts
 
-    @field_validator("callers")
+    @model_validator(mode="wrap")
     @classmethod
-    def _check_callers(
-        cls, callers: dict[str, CallerSettings], info: ValidationInfo
-    ) -> dict[str, CallerSettings]:
-        problems: list[tuple[Loc, str]] = []
-        accounts = info.data.get("accounts")  # absent when the accounts themselves are invalid
-        owners: dict[str, str] = {}
-        for name, caller in callers.items():
-            for index, account in enumerate(caller.accounts):
-                if accounts is not None and account != ALL_ACCOUNTS and account not in accounts:
-                    problems.append(((name, "accounts", index), f"unknown account '{account}'"))
-            for index, digest in enumerate(caller.key_digests()):
-                owner = owners.setdefault(digest, name)
-                if owner != name:
-                    where, prefix = caller.digest_source(index)
-                    problems.append(
-                        (
-                            (name, *where),
-                            f"{prefix}same key as caller '{owner}' (each caller needs its own)",
-                        )
-                    )
+    def _check_across_fields(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        """The checks combining fields run even when some fields are invalid, on the fields
+        they need as long as those are valid, so that one run reports every problem."""
+        if isinstance(data, cls) or not isinstance(data, Mapping):
+            return handler(data)
+        try:
+            settings = handler(data)
+        except ValidationError as error:
+            errors = error.errors()
+            problems = _caller_problems(*_callers_in(data, errors))
+            shared = valid_part(cls, data, errors, _SHARED_SECRETS)
+            if shared is not None:
+                problems += shared._read_shared_secrets()
+            raise_problems(problems, errors)
+            raise  # not reached: there are errors
+        callers = {name: (caller.accounts, caller) for name, caller in settings.callers.items()}
+        problems = _caller_problems(settings.accounts, callers)
+        problems += settings._read_shared_secrets()
         raise_problems(problems)
-        return callers
+        return settings
 
-    @model_validator(mode="after")
-    def _read_shared_secrets(self) -> Self:
-        problems: list[tuple[Loc, str]] = []
+    def _read_shared_secrets(self) -> Problems:
+        problems: Problems = []
         url = read_secret(self, "redis_url", problems)
         if url is not None and self.redis_url_file is not None:
             try:
@@ -130,12 +138,13 @@ class Settings(BaseSettings):
                     "create one with `monogoto-broker new-encryption-key > FILE`",
                 )
             )
-        raise_problems(problems)
+        if problems:
+            return problems
         if url is not None:
             self.redis_url = SecretStr(url)
         if keys is not None:
             self.encryption_keys = SecretStr(keys)
-        return self
+        return problems
 
     @property
     def uses_memory_store(self) -> bool:
@@ -155,3 +164,60 @@ class Settings(BaseSettings):
     def accounts_resolved(self) -> dict[str, Account]:
         """Every configured account, resolved."""
         return {name: self.account(name) for name in self.accounts}
+
+
+# A caller as far as the checks across callers can see it: its account list and the caller
+# holding its digests, each None where invalid.
+_CallerView = tuple[list[str] | None, CallerSettings | None]
+
+
+def _callers_in(
+    data: Mapping[str, Any], errors: list[ErrorDetails]
+) -> tuple[Collection[str] | None, dict[str, _CallerView]]:
+    """The account names and the callers of raw `data` that failed validation (`errors`), as
+    far as they are valid: a caller's account list and digests are checked on their own."""
+    accounts = data.get("accounts")
+    names = (
+        [name for name in accounts if isinstance(name, str)]
+        if isinstance(accounts, Mapping)
+        else None
+    )
+    callers: dict[str, _CallerView] = {}
+    raw = data.get("callers")
+    for name, entry in raw.items() if isinstance(raw, Mapping) else ():
+        below = errors_below(errors, "callers", name)
+        listed = valid_part(CallerSettings, entry, below, ("accounts",))
+        keys = valid_part(CallerSettings, entry, below, DIGEST_FIELDS)
+        callers[str(name)] = (
+            listed.accounts if listed is not None and "accounts" in entry else None,
+            keys if keys is not None and not keys.read_digests() else None,
+        )
+    return names, callers
+
+
+def _caller_problems(
+    accounts: Collection[str] | None, callers: Mapping[str, _CallerView]
+) -> Problems:
+    """Callers naming accounts that are not configured (unless `accounts` is unknown), and
+    callers sharing a key."""
+    problems: Problems = []
+    owners: dict[str, str] = {}
+    for name, (granted, caller) in callers.items():
+        for index, account in enumerate(granted or ()):
+            if accounts is not None and account != ALL_ACCOUNTS and account not in accounts:
+                problems.append(
+                    (("callers", name, "accounts", index), f"unknown account '{account}'")
+                )
+        if caller is None:
+            continue
+        for index, digest in enumerate(caller.key_digests()):
+            owner = owners.setdefault(digest, name)
+            if owner != name:
+                where, prefix = caller.digest_source(index)
+                problems.append(
+                    (
+                        ("callers", name, *where),
+                        f"{prefix}same key as caller '{owner}' (each caller needs its own)",
+                    )
+                )
+    return problems

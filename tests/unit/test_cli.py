@@ -66,13 +66,43 @@ def test_check_config_accepts_a_valid_file(
 def test_check_config_prints_one_line_per_problem(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A broken config exits 2 and lists each problem on its own line."""
+    """A broken config exits 2 and lists each problem on its own line, with its line."""
     path = write(tmp_path, THREE_MISTAKES)
     assert main(["check-config", "--config", str(path)]) == 2
     assert capsys.readouterr().out.splitlines() == [
-        "upstream.timeout_seconds: must be greater than 0",
-        "refresh.fractoin: unknown key",
-        "accounts.fleet-eu.password_file: cannot read /no/such/file (No such file or directory)",
+        f"upstream.timeout_seconds: must be greater than 0 (from {path} line 2)",
+        f"refresh.fractoin: unknown key (from {path} line 3)",
+        "accounts.fleet-eu.password_file: cannot read /no/such/file (No such file or directory) "
+        f"(from {path} line 7)",
+    ]
+
+
+def test_check_config_lists_every_problem_and_its_source_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Problems of single fields, of secrets and across fields come in one run, each naming
+    the file's line or the environment variable it came from; warnings come first."""
+    text = VALID.replace('"memory://"', '"redis://redis:6379/0"').replace(
+        '["fleet-eu"]', '["fleet-eu", "fleet-us"]'
+    )
+    monkeypatch.setenv("BROKER_UPSTREAM__TIMEOUT", "3")
+    monkeypatch.setenv("BROKER_UPSTREAM__TIMEOUT_SECONDS", "0")
+    monkeypatch.setenv("BROKER_ACCOUNTS__FLEET_EU__PASSWORD_FILE", "/no/such/file")
+    monkeypatch.setenv("BROKER_ACCOUNTS__FLEET_AP__PASSWORD", "s3cret-Pass")
+    path = write(tmp_path, text)
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().out.splitlines() == [
+        f"warning: accounts.fleet_ap: created by BROKER_ACCOUNTS__FLEET_AP__PASSWORD, not in "
+        f"{path} (environment variables cannot spell '-': accounts named with '-' must be in "
+        "the file, and then '_' in a variable stands for their '-')",
+        "upstream.timeout_seconds: must be greater than 0 (from BROKER_UPSTREAM__TIMEOUT_SECONDS)",
+        "upstream.timeout: unknown key (from BROKER_UPSTREAM__TIMEOUT)",
+        "accounts.fleet-eu.password_file: cannot read /no/such/file (No such file or directory) "
+        "(from BROKER_ACCOUNTS__FLEET_EU__PASSWORD_FILE)",
+        "accounts.fleet_ap.username: required (from BROKER_ACCOUNTS__FLEET_AP__PASSWORD)",
+        f"callers.billing.accounts[1]: unknown account 'fleet-us' (from {path} line 9)",
+        "encryption_keys_file: required when redis_url is a real Redis (replicas must share "
+        "keys); create one with `monogoto-broker new-encryption-key > FILE`",
     ]
 
 
@@ -88,10 +118,12 @@ def test_check_config_reads_path_from_env(
 def test_check_config_includes_env_overrides(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Environment overrides are validated too, so a bad one fails the check."""
+    """Environment overrides are validated too, so a bad one fails the check, naming it."""
     monkeypatch.setenv("BROKER_UPSTREAM__DIALECT", "v2")
     assert main(["check-config", "--config", str(write(tmp_path, VALID))]) == 2
-    assert capsys.readouterr().out == "upstream.dialect: must be 'legacy' or 'v1'\n"
+    assert capsys.readouterr().out == (
+        "upstream.dialect: must be 'legacy' or 'v1' (from BROKER_UPSTREAM__DIALECT)\n"
+    )
 
 
 def test_new_api_key_prints_key_and_its_digest(capsys: pytest.CaptureFixture[str]) -> None:

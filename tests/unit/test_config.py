@@ -529,10 +529,12 @@ def test_malformed_caller_digest_is_a_problem(tmp_path: Path, digest: str) -> No
 
 
 def test_caller_needs_a_digest_and_accounts(tmp_path: Path) -> None:
-    """A caller without a key digest or with an empty account list is refused."""
+    """A caller without a key digest or with an empty account list is refused, both problems
+    of one caller in the same run."""
     data = config(callers={"billing": {"accounts": []}, "ops": {"api_key_sha256": DIGEST}})
     assert problems(tmp_path, data) == [
         "callers.billing.accounts: list at least one account name, or '*' for all",
+        "callers.billing.api_key_sha256: required (set api_key_sha256 or api_key_sha256_file)",
         "callers.ops.accounts: required",
     ]
 
@@ -791,7 +793,11 @@ def test_empty_file_relies_on_environment(tmp_path: Path, monkeypatch: pytest.Mo
     path.write_text("# all from env\n", encoding="utf-8")
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
-    assert caught.value.problems == ["accounts: at least one account is required"]
+    assert caught.value.problems == [
+        "accounts: at least one account is required",
+        "encryption_keys_file: required when redis_url is a real Redis (replicas must share "
+        "keys); create one with `monogoto-broker new-encryption-key > FILE`",
+    ]
     monkeypatch.setenv("BROKER_REDIS_URL", "memory://")
     monkeypatch.setenv("BROKER_ACCOUNTS__FLEET-EU__USERNAME", "u")
     monkeypatch.setenv("BROKER_ACCOUNTS__FLEET-EU__PASSWORD", PASSWORD)
