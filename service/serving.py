@@ -54,7 +54,7 @@ def run_serve(config: Path | None, *, host: str, port: int, workers: int) -> int
     try:
         settings = load_settings(config)
     except ConfigError as error:
-        return _fail("serve", f"{config} is not valid:", *error.problems)
+        return _fail("serve", f"{config} is not valid:", *error.report)
     if settings.uses_memory_store and workers > 1:
         return _fail(
             "serve",

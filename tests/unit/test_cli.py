@@ -172,17 +172,20 @@ def test_installed_command_reports_malformed_yaml_without_traceback(tmp_path: Pa
 def test_serve_reports_config_problems_and_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """serve validates the config first: exit 2, each problem on its own line, no traceback."""
+    """serve validates the config first: exit 2, each problem on its own line with where it
+    came from (as check-config says it), no traceback."""
     path = write(tmp_path, THREE_MISTAKES)
     assert main(["serve", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.splitlines()[1:] == [
+    lines = err.splitlines()[1:]
+    assert [line.partition(f" (from {path} line ")[0] for line in lines] == [
         "serve: upstream.timeout_seconds: must be greater than 0",
         "serve: refresh.fractoin: unknown key",
         "serve: accounts.fleet-eu.password_file: cannot read /no/such/file "
         "(No such file or directory)",
     ]
+    assert all(line.endswith(")") and f"(from {path} line " in line for line in lines)
 
 
 def test_serve_without_config_says_how_to_give_one(capsys: pytest.CaptureFixture[str]) -> None:
