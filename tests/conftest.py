@@ -24,7 +24,8 @@ At the end of a run it prints the reliability table of the end-to-end scenarios 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
@@ -64,13 +65,36 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+Deployment = TypeVar("Deployment", RedisSentinelSet, RedisClusterSet)
+
+#: Attempts at starting a deployment whose free ports another process took meanwhile.
+_PORT_CLASH_ATTEMPTS = 3
+
+
+def _started(make: Callable[[], Deployment]) -> Deployment:
+    """A deployment made by `make` and started; made again on other free ports if a port it
+    was given was taken before its server could bind it (`free_port` only finds a port that
+    is free now)."""
+    for attempt in range(1, _PORT_CLASH_ATTEMPTS + 1):
+        deployment = make()
+        try:
+            deployment.start()
+        except RuntimeError as error:
+            if "Address already in use" not in str(error) or attempt == _PORT_CLASH_ATTEMPTS:
+                raise
+            continue
+        return deployment
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinelSet]:
     """A real Sentinel deployment (master, replica, three sentinels) for the whole session."""
-    topology = RedisSentinelSet(
-        _executable("redis-server"), tmp_path_factory.mktemp("redis-sentinel")
+    topology = _started(
+        lambda: RedisSentinelSet(
+            _executable("redis-server"), tmp_path_factory.mktemp("redis-sentinel")
+        )
     )
-    topology.start()
     yield topology
     topology.stop()
 
@@ -86,14 +110,15 @@ def sentinel_url(redis_sentinel: RedisSentinelSet) -> str:
 def _cluster(
     tmp_path_factory: pytest.TempPathFactory, replicas_per_master: int
 ) -> Iterator[RedisClusterSet]:
-    topology = RedisClusterSet(
-        _executable("redis-server"),
-        _executable("redis-cli"),
-        tmp_path_factory.mktemp("redis-cluster"),
-        masters=3,
-        replicas_per_master=replicas_per_master,
+    topology = _started(
+        lambda: RedisClusterSet(
+            _executable("redis-server"),
+            _executable("redis-cli"),
+            tmp_path_factory.mktemp("redis-cluster"),
+            masters=3,
+            replicas_per_master=replicas_per_master,
+        )
     )
-    topology.start()
     yield topology
     topology.stop()
 
