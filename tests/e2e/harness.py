@@ -230,6 +230,21 @@ class Callers:
         return []
 
 
+class BackgroundLoad:
+    """`Callers` running in the background from creation until `end()`."""
+
+    def __init__(self, callers: Callers) -> None:
+        self.callers = callers
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(callers.run(until=self._stop))
+
+    async def end(self) -> LoadReport:
+        """Stop the callers; what they saw."""
+        self._stop.set()
+        await self._task
+        return self.callers.report
+
+
 @dataclass(frozen=True)
 class UpstreamCounts:
     """The simulator's counts of auth calls, by outcome, over all endpoints."""

@@ -53,6 +53,7 @@ import redis
 from service.claims import read_claims
 from service.simulator.client import SimulatorControl
 from tests.e2e.harness import (
+    BackgroundLoad,
     Callers,
     LoadReport,
     ReliabilityRow,
@@ -215,21 +216,6 @@ class Tally:
         return f"logins {sum(logins.values())}{f' ({who})' if who else ''}, refreshes {refreshes}"
 
 
-class Load:
-    """CALLERS concurrent callers of every account on a rotation, from creation to `end`."""
-
-    def __init__(self, rotation: Rotation, key: str, accounts: Accounts) -> None:
-        self.callers = Callers(rotation, key, accounts, concurrency=CALLERS)
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self.callers.run(until=self._stop))
-
-    async def end(self) -> LoadReport:
-        """Stop the callers; what they saw."""
-        self._stop.set()
-        await self._task
-        return self.callers.report
-
-
 async def start_fleet(
     tmp_path: Path,
     redis_url: str,
@@ -388,7 +374,7 @@ def every_account_renewed(simulator: SimulatorControl, accounts: Accounts, since
 
 
 async def last_cycle(
-    load: Load, simulator: SimulatorControl, accounts: Accounts, failover: Failover
+    load: BackgroundLoad, simulator: SimulatorControl, accounts: Accounts, failover: Failover
 ) -> tuple[LoadReport, Tally, bool]:
     """The load goes on until every account was renewed after the kill, and for one more
     refresh cycle after renewals resumed: what the callers saw, the simulator's counts, and
@@ -463,7 +449,7 @@ async def test_a_sentinel_failover_that_loses_the_last_writes_under_load(
     accounts = SENTINEL_ACCOUNTS
     names = list(accounts)
     key, urls = await start_fleet(tmp_path, sentinel_url, e2e_simulator, start_brokers, accounts)
-    load = Load(Rotation(urls), key, accounts)
+    load = BackgroundLoad(Callers(Rotation(urls), key, accounts, concurrency=CALLERS))
     cycle_began = await renewed_once(e2e_simulator, accounts)
     master_port = await asyncio.to_thread(redis_sentinel.master_port)
     replica = await asyncio.to_thread(redis_sentinel.replica)
@@ -560,7 +546,7 @@ async def test_cluster_failover_under_load(
     key, urls = await start_fleet(
         tmp_path, replicated_cluster_url, e2e_simulator, start_brokers, accounts
     )
-    load = Load(Rotation(urls), key, accounts)
+    load = BackgroundLoad(Callers(Rotation(urls), key, accounts, concurrency=CALLERS))
     await renewed_once(e2e_simulator, accounts)
     old_port = await asyncio.to_thread(budget_master, cluster)
     victim = placed[old_port]

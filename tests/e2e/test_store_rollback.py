@@ -30,6 +30,7 @@ from service.claims import read_claims
 from service.simulator.client import SimulatorControl
 from tests.conftest import RedisServer
 from tests.e2e.harness import (
+    BackgroundLoad,
     Callers,
     LoadReport,
     ReliabilityRow,
@@ -179,21 +180,6 @@ async def start_fleet(
     return key, path, rotation
 
 
-class Load:
-    """Callers of every account on a rotation, in the background from creation to `end`."""
-
-    def __init__(self, rotation: Rotation, key: str, accounts: dict[str, dict[str, str]]) -> None:
-        self.callers = Callers(rotation, key, accounts, concurrency=8, pause=0.05)
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self.callers.run(until=self._stop))
-
-    async def end(self) -> LoadReport:
-        """Stop the callers; what they saw."""
-        self._stop.set()
-        await self._task
-        return self.callers.report
-
-
 async def refreshed_since(
     simulator: SimulatorControl,
     accounts: dict[str, dict[str, str]],
@@ -234,12 +220,12 @@ async def load_past(
     key: str,
     accounts: dict[str, dict[str, str]],
     counts: dict[str, int],
-) -> tuple[Load, dict[str, int]]:
+) -> tuple[BackgroundLoad, dict[str, int]]:
     """Short tokens again and callers on `rotation`, until REFRESHES_LOST refreshes more than
     `counts` are stored on `node`: the load, and the versions `node` holds (which the store is
     about to lose)."""
     simulator.set(token_lifetime_seconds=LIFETIME_SECONDS)
-    load = Load(rotation, key, accounts)
+    load = BackgroundLoad(Callers(rotation, key, accounts, concurrency=8, pause=0.05))
     await renewed_and_stored(node, simulator, accounts, counts, REFRESHES_LOST)
     return load, stored_versions(node, list(accounts))
 
@@ -265,7 +251,7 @@ async def written_back(
 
 
 async def last_cycle(
-    load: Load,
+    load: BackgroundLoad,
     simulator: SimulatorControl,
     accounts: dict[str, dict[str, str]],
     counts: dict[str, int],
