@@ -53,6 +53,11 @@ class StoreAddress:
     db: int = 0
     options: Mapping[str, str] = field(default_factory=dict, repr=False)
 
+    @property
+    def host_list(self) -> str:
+        """The hosts as `host:port,host:port` (for logs)."""
+        return ",".join(f"{host}:{port}" for host, port in self.hosts)
+
 
 def scheme_of(url: str) -> str:
     """The URL's scheme, '' if it has none or cannot be split."""

@@ -142,12 +142,9 @@ class TokenStore(Protocol):
         """Forget the credentials-rejected marker (a login succeeded)."""
         ...
 
-    async def ping(self) -> None:
-        """Return if the store answers; raise StoreUnavailableError otherwise."""
-        ...
-
     async def topology(self) -> Survey:
-        """The nodes the store stands on (for readiness); raises StoreUnavailableError."""
+        """The nodes the store stands on (for readiness): returns if the store answers, raises
+        StoreUnavailableError otherwise."""
         ...
 
     @property

@@ -9,10 +9,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisClusterException, RedisError
 
 from service.store.base import Change, StoreUnavailableError
-from service.store.topology import RedisClient
+from service.store.topology import REDIS_FAILURES, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ class ChangeFeed:
         store's topology learnt from it: a cluster maps its slots again)."""
         if self._closed:
             return
-        if isinstance(error, RedisError | RedisClusterException | OSError):
+        if isinstance(error, REDIS_FAILURES):
             await self._after_error(error)
             raise StoreUnavailableError(
                 f"Redis change subscription lost ({type(error).__name__})"

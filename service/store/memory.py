@@ -185,9 +185,6 @@ class MemoryStore:
         """Forget the account's credentials-rejected marker."""
         self._failures.pop(account, None)
 
-    async def ping(self) -> None:
-        """Always answers: the store is this process."""
-
     @property
     def address(self) -> str:
         """This process."""

@@ -6,12 +6,11 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError
 
 from service.claims import fingerprint
 from service.config.models import MAX_RETRY_AFTER_SECONDS
@@ -28,26 +27,12 @@ from service.store.scripts import (
     TAKE_BUDGET,
     TAKE_FORCED,
 )
-from service.store.topology import RedisClient, Survey, Topology
+from service.store.topology import REDIS_FAILURES, RedisClient, Survey, Topology
 
 log = logging.getLogger(__name__)
 
 #: How long a write that spends a refresh token waits for a replica to acknowledge it.
 REPLICA_WAIT_SECONDS = 0.5
-
-
-@contextmanager
-def _unavailable_on_error(action: str) -> Iterator[None]:
-    """Turn any Redis failure into StoreUnavailableError; the message names only the action."""
-    try:
-        yield
-    # OSError covers socket errors and TimeoutError; RedisClusterException, a cluster that
-    # cannot be reached or mapped.
-    except (RedisError, RedisClusterException, OSError) as error:
-        honour_lost_cancellation()
-        raise StoreUnavailableError(
-            f"Redis unavailable {action} ({type(error).__name__})"
-        ) from error
 
 
 def _milliseconds_until(deadline: float) -> int:
@@ -126,15 +111,17 @@ class RedisStore:
     @contextlib.asynccontextmanager
     async def _reaching(self, action: str) -> AsyncIterator[None]:
         """Around every command: the client made ready first (a cluster client maps its slots
-        before concurrent commands use it), any Redis failure turned into
-        StoreUnavailableError, after the topology has learnt from it."""
-        with _unavailable_on_error(action):
-            try:
-                await self._topology.ready()
-                yield
-            except (RedisError, RedisClusterException, OSError) as error:
-                await self._topology.after_error(error)
-                raise
+        before concurrent commands use it); any Redis failure, once the topology has learnt
+        from it, turned into StoreUnavailableError whose message names only the action."""
+        try:
+            await self._topology.ready()
+            yield
+        except REDIS_FAILURES as error:
+            await self._topology.after_error(error)
+            honour_lost_cancellation()
+            raise StoreUnavailableError(
+                f"Redis unavailable {action} ({type(error).__name__})"
+            ) from error
 
     def _key(self, account: str, kind: str) -> str:
         # The hash tag keeps all keys of one account in one Redis Cluster slot.
@@ -423,11 +410,6 @@ class RedisStore:
         """Forget the account's credentials-rejected marker."""
         async with self._reaching("while clearing a failure marker"):
             await self._client.delete(self._key(account, "failure"))
-
-    async def ping(self) -> None:
-        """Return if Redis answers; raise StoreUnavailableError otherwise."""
-        async with self._reaching("while pinging"):
-            await self._client.ping()
 
     @property
     def address(self) -> str:

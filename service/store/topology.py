@@ -17,13 +17,17 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterError, RedisClusterException
+from redis.exceptions import ClusterError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.config.redis_url import Kind, StoreAddress, parse_store_url, scheme_of
 
 RedisClient = redis.asyncio.Redis | RedisCluster
+
+#: What a failed store command raises: RedisError, OSError (socket errors and TimeoutError), and
+#: RedisClusterException (a cluster that cannot be reached or mapped).
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError)
 
 # Errors after which a cluster's slots are mapped again: a node gone, or the cluster saying
 # its map changed or is incomplete.
@@ -99,21 +103,27 @@ class Topology:
 
     async def survey(self) -> Survey:
         """The master's run id and replica count (one INFO)."""
-        assert isinstance(self.client, redis.asyncio.Redis)  # noqa: S101  # a standalone client
-        info = await self.client.info()
-        kwargs = self.client.connection_pool.connection_kwargs
-        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
-        state = _master_state(info)
-        return Survey(self.kind, {str(where): state}, 1 + state.replicas)
+        state = _master_state(await self._server().info())
+        return Survey(self.kind, {self._endpoint(): state}, 1 + state.replicas)
 
     @property
     def address(self) -> str:
         """Where the server is: host:port/db or the socket path."""
+        kwargs = self._server().connection_pool.connection_kwargs
+        if kwargs.get("path"):
+            return self._endpoint()
+        return f"{self._endpoint()}/{kwargs.get('db', 0)}"
+
+    def _server(self) -> redis.asyncio.Redis:
         assert isinstance(self.client, redis.asyncio.Redis)  # noqa: S101  # one server
-        kwargs = self.client.connection_pool.connection_kwargs
+        return self.client
+
+    def _endpoint(self) -> str:
+        """host:port, or unix:// and the socket path."""
+        kwargs = self._server().connection_pool.connection_kwargs
         if kwargs.get("path"):
             return f"unix://{kwargs['path']}"
-        return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+        return f"{kwargs.get('host')}:{kwargs.get('port')}"
 
     async def ready(self) -> None:
         """Prepare the client for commands (nothing to do for one server)."""
@@ -157,8 +167,9 @@ class SentinelTopology(Topology):
             list(address.hosts), sentinel_kwargs=sentinel_kwargs, **common, **tls, **credentials
         )
         self.service_name = address.service_name
-        hosts = ",".join(f"{host}:{port}" for host, port in address.hosts)
-        self._address = f"master {address.service_name!r} of sentinels {hosts}, db {address.db}"
+        self._address = (
+            f"master {address.service_name!r} of sentinels {address.host_list}, db {address.db}"
+        )
         client = self.sentinel.master_for(
             address.service_name, redis_class=redis.asyncio.Redis, db=address.db
         )
@@ -167,9 +178,8 @@ class SentinelTopology(Topology):
     async def survey(self) -> Survey:
         """The master the sentinels name now, its run id and replica count, and how many nodes
         (master, replicas, sentinels) are known."""
-        assert isinstance(self.client, redis.asyncio.Redis)  # noqa: S101  # a master client
         host, port = await self.sentinel.discover_master(self.service_name)
-        state = _master_state(await self.client.info())
+        state = _master_state(await self._server().info())
         nodes = 1 + state.replicas + len(self.sentinel.sentinels)
         return Survey(self.kind, {f"{_text(host)}:{port}": state}, nodes)
 
@@ -190,7 +200,7 @@ class ClusterTopology(Topology):
 
     def __init__(self, address: StoreAddress, kwargs: dict[str, Any]) -> None:
         seeds = [ClusterNode(host, port) for host, port in address.hosts]
-        self._address = "cluster of " + ",".join(f"{host}:{port}" for host, port in address.hosts)
+        self._address = f"cluster of {address.host_list}"
         super().__init__(RedisCluster(startup_nodes=seeds, dynamic_startup_nodes=False, **kwargs))
 
     @property

@@ -272,7 +272,7 @@ async def test_store_unavailable_while_redis_is_down(
     redis_server.stop()
     try:
         operations = [
-            store.ping(),
+            store.topology(),
             store.load("fleet-eu"),
             store.save("fleet-eu", record(2)),
             store.versions(["fleet-eu"]),
@@ -285,7 +285,7 @@ async def test_store_unavailable_while_redis_is_down(
                 await operation
     finally:
         redis_server.start()
-    await store.ping()
+    await store.topology()
     assert await store.load("fleet-eu") is None, "the restarted Redis is empty"
     assert await store.save("fleet-eu", record(3))
     assert await store.take_budget("scope", 5, 60.0) == 0.0
@@ -336,7 +336,7 @@ async def test_errors_never_show_the_redis_password(caplog: pytest.LogCaptureFix
     )
     try:
         with pytest.raises(StoreUnavailableError) as failure:
-            await store.ping()
+            await store.topology()
     finally:
         await store.close()
     assert "hunter2" not in str(failure.value)
@@ -358,7 +358,7 @@ async def test_a_failed_command_is_not_retried_by_the_client() -> None:
     store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", prefix=PREFIX, cipher=CIPHER)
     try:
         with pytest.raises(StoreUnavailableError):
-            await store.ping()
+            await store.topology()
     finally:
         await store.close()
         server.close()
@@ -410,7 +410,7 @@ async def test_failure_markers_are_encrypted_and_older_clear_ones_still_read(
 async def _until_answering(store: RedisStore) -> None:
     async def answers() -> bool:
         try:
-            await store.ping()
+            await store.topology()
         except StoreUnavailableError:
             return False
         return True
