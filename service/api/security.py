@@ -13,6 +13,7 @@ import hmac
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, NoReturn
 
 from litestar.connection import ASGIConnection
@@ -37,17 +38,29 @@ class ForbiddenError(Exception):
     """The caller may not use this account, or the account does not exist (403)."""
 
 
+class AuthMethod(StrEnum):
+    """How a caller proved who it is."""
+
+    API_KEY = "api_key"
+    SERVICE_ACCOUNT = "service_account"
+    CLIENT_CERTIFICATE = "client_certificate"
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """An authenticated caller and the configured accounts it may use.
 
-    `key_digest` is the digest of the key the caller presented: one of several while its key
-    is rotated. It identifies a key, so it stays out of metrics and logs (they use `name`).
+    `credential` names what the caller presented, by `method`: the digest of its API key (one
+    of several while the key is rotated), the `namespace/name` of its ServiceAccount, or its
+    client certificate's subject. `pod` is the pod a ServiceAccount token is bound to, if any.
+    A key digest identifies a key, so it stays out of metrics and logs (they use `name`).
     """
 
     name: str
-    key_digest: str
     accounts: frozenset[str]
+    credential: str
+    method: AuthMethod = AuthMethod.API_KEY
+    pod: str | None = None
 
 
 class CallerDirectory:
@@ -60,7 +73,7 @@ class CallerDirectory:
             allowed = frozenset(account for account in accounts if settings.allows(account))
             # Every digest of a caller (several while its key is rotated) finds that caller.
             for digest in settings.key_digests():
-                self._by_digest[digest] = Caller(name=name, key_digest=digest, accounts=allowed)
+                self._by_digest[digest] = Caller(name=name, accounts=allowed, credential=digest)
 
     def authenticate(self, authorization: str | None) -> Caller:
         """The caller whose key the `Authorization` header carries; raises UnauthenticatedError."""
@@ -71,7 +84,7 @@ class CallerDirectory:
         caller = self._by_digest.get(digest)
         # Looking up a SHA-256 digest reveals nothing usable about the key; the final
         # comparison is constant-time all the same.
-        if caller is None or not hmac.compare_digest(digest, caller.key_digest):
+        if caller is None or not hmac.compare_digest(digest, caller.credential):
             _refuse("unknown")
         return caller
 
