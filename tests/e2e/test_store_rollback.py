@@ -267,20 +267,24 @@ async def last_cycle(
 
 @dataclass(frozen=True)
 class Replacement:
-    """An `invalidate` of the token currently served: what was reported and what came back."""
+    """An `invalidate` of the token currently served: what was reported and what came back
+    (after one wait of the `Retry-After` a first 503 gave, as the client library would)."""
 
     reported: str
     status: int
     replacement: str | None
     seconds: float
+    # The first answer's 503 problem (its `detail` and `Retry-After`), if there was one.
+    first_refusal: str = ""
 
     def describe(self) -> str:
         """For the reliability row."""
+        refused = f" (first {self.first_refusal})" if self.first_refusal else ""
         if self.replacement is None:
-            return f"invalidate of the current token: {self.status}"
+            return f"invalidate of the current token: {self.status}{refused}"
         same = "the same token!" if self.replacement == self.reported else "a new token"
         took = f"{self.seconds * 1000:.0f} ms"
-        return f"invalidate of the current token: {self.status} with {same} in {took}"
+        return f"invalidate of the current token: {self.status} with {same} in {took}{refused}"
 
 
 async def serves_every_account(url: str, key: str, names: Sequence[str]) -> dict[str, int]:
@@ -292,19 +296,27 @@ async def serves_every_account(url: str, key: str, names: Sequence[str]) -> dict
 
 
 async def replace_current(url: str, key: str, name: str) -> Replacement:
-    """Report the token `url` serves for `name` as rejected, as a caller would."""
+    """Report the token `url` serves for `name` as rejected, as a caller would: a 503 (the
+    budget held back after the store's epoch changed, say) is asked once more after its
+    `Retry-After`, as the client library does."""
     headers = {"Authorization": f"Bearer {key}"}
+    first_refusal = ""
     async with httpx.AsyncClient(timeout=30, headers=headers) as client:
         token = await client.get(f"{url}/v1/accounts/{name}/token")
         token.raise_for_status()
         reported = token.json()["access_token"]
         started = time.monotonic()
-        response = await client.post(
-            f"{url}/v1/accounts/{name}/token/invalidate", json={"access_token": reported}
-        )
+        report = {"access_token": reported}
+        invalidate = f"{url}/v1/accounts/{name}/token/invalidate"
+        response = await client.post(invalidate, json=report)
+        if response.status_code == 503:
+            wait = float(response.headers["Retry-After"])
+            first_refusal = f"503 {response.json()['detail']!r}, Retry-After {wait:.0f} s"
+            await asyncio.sleep(wait)
+            response = await client.post(invalidate, json=report)
     seconds = time.monotonic() - started
     replacement = response.json()["access_token"] if response.status_code == 200 else None
-    return Replacement(reported, response.status_code, replacement, seconds)
+    return Replacement(reported, response.status_code, replacement, seconds, first_refusal)
 
 
 def issued_after(report: LoadReport, name: str, moment: float) -> int:
@@ -327,7 +339,7 @@ def check_outcome(
     """What both scenarios must show: the store really went back, the replicas wrote their
     newer records back, no refresh token was sent twice and no 429 came, callers were served
     throughout, tokens were renewed after the rollback, and an `invalidate` was answered with
-    a new token."""
+    a new token (at once, or after the one `Retry-After` a first 503 asked for)."""
     for name in accounts:
         assert rolled_back[name] < before[name], f"{name}: the store did not go back in time"
         # Written back by a replica: a refresh would have stored a newer version than this.
