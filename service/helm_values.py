@@ -39,16 +39,45 @@ from service.keys import new_api_key, new_encryption_key
 SECRETS_DIR = "/etc/monogoto-broker/secrets"
 
 
+def _never(_: Mapping[str, Any]) -> bool:
+    return False
+
+
+def _authenticates_otherwise(caller: Mapping[str, Any]) -> bool:
+    """Whether a caller's config gives it a way to authenticate other than a key."""
+    return bool(caller.get("service_accounts") or caller.get("client_subjects"))
+
+
 @dataclass(frozen=True)
 class ChartSecret:
     """A secret of the config as the chart provides it: `path` of the secret field (`*` for an
     account's or caller's name), its place in the values and its key in the Secret (`{name}`
-    filled in), and what a present value looks like when the check cannot see it."""
+    filled in), and what a present value looks like when the check cannot see it.
+
+    `optional`: named in the config only when the values give it (never with an existing
+    Secret). `needless`: whether an account's or caller's config entry can do without it (a
+    caller identified by its ServiceAccount or certificate); such an entry names it only when
+    the values give it."""
 
     path: tuple[str, ...]
     place: str
     key: str
     stand_in: Callable[[], str]
+    optional: bool = False
+    needless: Callable[[Mapping[str, Any]], bool] = _never
+
+    def holders(self, config: dict[str, Any]) -> list[tuple[str, dict[str, Any], tuple[str, ...]]]:
+        """Where in `config` this secret's field can be: for each account or caller (or once),
+        its name ('' if none), the mapping that holds the field, and that mapping's location."""
+        found: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [("", config, ())]
+        for part in self.path[:-1]:
+            found = [
+                (key if part == "*" else name, child, (*loc, key))
+                for name, node, loc in found
+                for key, child in (node.items() if part == "*" else [(part, node.get(part))])
+                if isinstance(child, dict)
+            ]
+        return found
 
 
 CHART_SECRETS = (
@@ -67,14 +96,36 @@ CHART_SECRETS = (
         "secrets.callerKeyDigests.{name}",
         "caller-{name}-api-key-sha256",
         lambda: new_api_key()[1],
+        needless=_authenticates_otherwise,
+    ),
+    ChartSecret(
+        ("audit", "hmac_key"),
+        "secrets.auditHmacKey",
+        "audit-hmac-key",
+        lambda: "taken-as-present",
+        optional=True,
     ),
 )
+#: Where the chart mounts the TLS Secret and the broker's own ServiceAccount token with the
+#: cluster's CA (templates/_helpers.tpl), and the JWKS it reads by default.
+TLS_DIR = "/etc/monogoto-broker/tls"
+KUBERNETES_DIR = "/etc/monogoto-broker/kubernetes"
+IN_CLUSTER_JWKS_URL = "https://kubernetes.default.svc/openid/v1/jwks"
 
 # The values of the chart's values.yaml this module reads besides `config` (whose defaults are
 # the broker's own); tests/integration/test_chart.py holds them equal to values.yaml.
 CHART_DEFAULTS: dict[str, Any] = {
     "replicaCount": 2,
+    "containerPort": 8080,
     "autoscaling": {"enabled": False},
+    "metrics": {"port": 9090},
+    "tls": {
+        "enabled": False,
+        "existingSecret": "",
+        "certManager": {"enabled": False, "issuerRef": {"name": ""}},
+        "clientCertificates": False,
+    },
+    "kubernetesAuth": {"enabled": False},
     "networkPolicy": {"enabled": False, "callers": []},
     "secrets": {
         "existingSecret": "",
@@ -82,6 +133,7 @@ CHART_DEFAULTS: dict[str, Any] = {
         "encryptionKeys": "",
         "accountPasswords": {},
         "callerKeyDigests": {},
+        "auditHmacKey": "",
     },
     "extraEnv": [],
 }
@@ -258,16 +310,28 @@ def chart_values(*overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 def chart_config(values: Mapping[str, Any]) -> dict[str, Any]:
     """The `config.yaml` of the chart's ConfigMap: `config:` plus, for every secret, the path of
-    its file in the mounted Secret (templates/_helpers.tpl, "monogoto-broker.config")."""
+    its file in the mounted Secret, and the settings the chart's own values make: TLS files,
+    the metrics port, the JWKS reader's files (templates/_helpers.tpl, "monogoto-broker.config")."""
     config = copy.deepcopy(dict(_mapping(values.get("config"))))
-    for secret in CHART_SECRETS:
-        *section, field = secret.path
-        if not section:
-            config[f"{field}_file"] = f"{SECRETS_DIR}/{secret.key}"
-            continue
-        for name, entry in _mapping(config.get(section[0])).items():
-            if isinstance(entry, dict):
-                entry[f"{field}_file"] = f"{SECRETS_DIR}/{secret.key.format(name=name)}"
+    for item in secret_items(values):
+        holder = config
+        for part in item.secret.path[:-1]:
+            holder = holder.setdefault(item.name if part == "*" else part, {})
+        holder[f"{item.secret.path[-1]}_file"] = f"{SECRETS_DIR}/{item.key}"
+    tls = _mapping(values.get("tls"))
+    if tls.get("enabled"):
+        config["tls"] = {"cert_file": f"{TLS_DIR}/tls.crt", "key_file": f"{TLS_DIR}/tls.key"}
+        if tls.get("clientCertificates"):
+            config["tls"]["client_ca_file"] = f"{TLS_DIR}/ca.crt"
+    metrics_port = _mapping(values.get("metrics")).get("port")
+    if metrics_port:
+        config["metrics_port"] = metrics_port
+    if _mapping(values.get("kubernetesAuth")).get("enabled"):
+        auth = config.setdefault("caller_auth", {})
+        kubernetes = auth.setdefault("kubernetes", {})
+        kubernetes.setdefault("jwks_url", IN_CLUSTER_JWKS_URL)
+        kubernetes["jwks_ca_file"] = f"{KUBERNETES_DIR}/ca.crt"
+        kubernetes["jwks_token_file"] = f"{KUBERNETES_DIR}/token"
     return config
 
 
@@ -290,10 +354,8 @@ class SecretItem:
     @property
     def config_place(self) -> str:
         """Where the broker reports a problem with the file: `accounts.fleet.password_file`."""
-        *section, field = self.secret.path
-        return ".".join(
-            (*section[:1], self.name, f"{field}_file") if section else (f"{field}_file",)
-        )
+        path = [self.name if part == "*" else part for part in self.secret.path]
+        return ".".join(path) + "_file"
 
     def content(self) -> str:
         """The file's content in the chart-made Secret (a list: one item per line)."""
@@ -305,10 +367,11 @@ class SecretItem:
 def secret_items(values: Mapping[str, Any]) -> list[SecretItem]:
     """The Secret's keys the chart's config names, with the values given in `secrets:`."""
     config = _mapping(values.get("config"))
+    existing = bool(_mapping(values.get("secrets")).get("existingSecret"))
     items: list[SecretItem] = []
     for secret in CHART_SECRETS:
-        names = [""] if len(secret.path) == 1 else list(_mapping(config.get(secret.path[0])))
-        for name in names:
+        holders = secret.holders(dict(config)) if "*" in secret.path else [("", {}, ())]
+        for name, entry, _ in holders:
             value: Any = values
             for part in secret.place.format(name=name).split("."):
                 value = _mapping(value).get(part)
@@ -316,6 +379,10 @@ def secret_items(values: Mapping[str, Any]) -> list[SecretItem]:
                 value = None
             elif not isinstance(value, list):
                 value = str(value)
+            if secret.optional and (existing or value is None):
+                continue
+            if secret.needless(_mapping(entry)) and (existing or value is None):
+                continue
             items.append(SecretItem(secret, name, value))
     return items
 
@@ -341,6 +408,24 @@ def chart_problems(values: Mapping[str, Any]) -> list[str]:
             for item in secret_items(values)
             if item.value is None
         ]
+    tls = _mapping(values.get("tls"))
+    cert_manager = _mapping(tls.get("certManager"))
+    if tls.get("enabled") and not (tls.get("existingSecret") or cert_manager.get("enabled")):
+        problems.append(
+            "tls.existingSecret: required with tls.enabled (a kubernetes.io/tls Secret), or set "
+            "tls.certManager.enabled"
+        )
+    if cert_manager.get("enabled") and not _mapping(cert_manager.get("issuerRef")).get("name"):
+        problems.append("tls.certManager.issuerRef.name: required with tls.certManager.enabled")
+    caller_auth = _mapping(_mapping(values.get("config")).get("caller_auth"))
+    if _mapping(values.get("kubernetesAuth")).get("enabled") and not caller_auth.get("kubernetes"):
+        problems.append(
+            "config.caller_auth.kubernetes: required with kubernetesAuth.enabled (the cluster's "
+            "issuer and the audiences callers' tokens carry)"
+        )
+    metrics_port = _mapping(values.get("metrics")).get("port")
+    if metrics_port and metrics_port == values.get("containerPort"):
+        problems.append("metrics.port: must differ from containerPort")
     policy = _mapping(values.get("networkPolicy"))
     if policy.get("enabled") and not policy.get("callers"):
         problems.append(
@@ -416,25 +501,14 @@ def _secrets_in_config(config: dict[str, Any]) -> list[str]:
     (its schema refuses them): one problem each; they are left out of the rest of the check."""
     problems: list[str] = []
     for secret in CHART_SECRETS:
-        *section, field = secret.path
-        if section:
-            entries = [
-                (name, entry)
-                for name, entry in _mapping(config.get(section[0])).items()
-                if isinstance(entry, dict)
-            ]
-        else:
-            entries = [("", config)]
-        for name, entry in entries:
+        field = secret.path[-1]
+        for name, holder, loc in secret.holders(config):
             for key in (field, f"{field}_file"):
-                if key in entry:
-                    del entry[key]
-                    place = ".".join(
-                        ("config", *section[:1], name, key) if name else ("config", key)
-                    )
+                if key in holder:
+                    del holder[key]
                     problems.append(
-                        f"{place}: the chart takes no secrets in config: set "
-                        f"{secret.place.format(name=name)} or the Secret's key "
+                        f"{'.'.join(('config', *loc, key))}: the chart takes no secrets in "
+                        f"config: set {secret.place.format(name=name)} or the Secret's key "
                         f"{secret.key.format(name=name)}"
                     )
     return problems

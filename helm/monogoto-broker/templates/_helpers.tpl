@@ -100,6 +100,44 @@ Where the Secret is mounted in the container.
 {{- end }}
 
 {{/*
+Where the TLS Secret is mounted (tls.enabled), and the Secret's name.
+*/}}
+{{- define "monogoto-broker.tlsDir" -}}
+/etc/monogoto-broker/tls
+{{- end }}
+{{- define "monogoto-broker.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "monogoto-broker.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{/*
+Where the broker's own ServiceAccount token and the cluster's CA are mounted
+(kubernetesAuth.enabled), for reading the cluster's JWKS.
+*/}}
+{{- define "monogoto-broker.kubernetesDir" -}}
+/etc/monogoto-broker/kubernetes
+{{- end }}
+
+{{/*
+The API port's scheme for probes and the test pod.
+*/}}
+{{- define "monogoto-broker.scheme" -}}
+{{- if .Values.tls.enabled }}HTTPS{{ else }}HTTP{{ end }}
+{{- end }}
+
+{{/*
+Whether the caller `name` (with its config `caller`) has a key digest in the Secret: one given in
+secrets.callerKeyDigests, or, with an existing Secret, a caller that has no other way to
+authenticate (no service_accounts, no client_subjects). Prints "true" or nothing.
+*/}}
+{{- define "monogoto-broker.callerHasKey" -}}
+{{- $values := index . 0 }}{{ $name := index . 1 }}{{ $caller := index . 2 }}
+{{- if $values.secrets.existingSecret }}
+{{- if not (or $caller.service_accounts $caller.client_subjects) }}true{{ end }}
+{{- else if get $values.secrets.callerKeyDigests $name }}true
+{{- end }}
+{{- end }}
+
+{{/*
 The broker's config.yaml: `config` as it is (the broker's own keys, docs/configuration.md), and for
 every secret the path of its file in the mounted Secret (the `*_file` twins of
 docs/configuration.md), so no secret is in the ConfigMap. service/helm_values.py makes the same
@@ -114,7 +152,37 @@ mapping for `monogoto-broker check-config --helm-values`.
 {{- $_ := set $account "password_file" (printf "%s/account-%s-password" $dir $name) }}
 {{- end }}
 {{- range $name, $caller := $config.callers }}
+{{- if include "monogoto-broker.callerHasKey" (list $.Values $name $caller) }}
 {{- $_ := set $caller "api_key_sha256_file" (printf "%s/caller-%s-api-key-sha256" $dir $name) }}
+{{- end }}
+{{- end }}
+{{- if .Values.secrets.auditHmacKey }}
+{{- $audit := get $config "audit" | default dict }}
+{{- $_ := set $audit "hmac_key_file" (printf "%s/audit-hmac-key" $dir) }}
+{{- $_ := set $config "audit" $audit }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+{{- $tlsDir := include "monogoto-broker.tlsDir" . }}
+{{- $tls := dict "cert_file" (printf "%s/tls.crt" $tlsDir) "key_file" (printf "%s/tls.key" $tlsDir) }}
+{{- if .Values.tls.clientCertificates }}
+{{- $_ := set $tls "client_ca_file" (printf "%s/ca.crt" $tlsDir) }}
+{{- end }}
+{{- $_ := set $config "tls" $tls }}
+{{- end }}
+{{- if .Values.metrics.port }}
+{{- $_ := set $config "metrics_port" (int .Values.metrics.port) }}
+{{- end }}
+{{- if .Values.kubernetesAuth.enabled }}
+{{- $kubeDir := include "monogoto-broker.kubernetesDir" . }}
+{{- $auth := get $config "caller_auth" | default dict }}
+{{- $kubernetes := get $auth "kubernetes" | default dict }}
+{{- if not $kubernetes.jwks_url }}
+{{- $_ := set $kubernetes "jwks_url" "https://kubernetes.default.svc/openid/v1/jwks" }}
+{{- end }}
+{{- $_ := set $kubernetes "jwks_ca_file" (printf "%s/ca.crt" $kubeDir) }}
+{{- $_ := set $kubernetes "jwks_token_file" (printf "%s/token" $kubeDir) }}
+{{- $_ := set $auth "kubernetes" $kubernetes }}
+{{- $_ := set $config "caller_auth" $auth }}
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
@@ -131,8 +199,8 @@ secrets.existingSecret).
 {{- range $name, $_ := .Values.config.accounts }}
 {{- if not (get $.Values.secrets.accountPasswords $name) }}{{ $missing = append $missing (printf "secrets.accountPasswords.%s" $name) }}{{ end }}
 {{- end }}
-{{- range $name, $_ := .Values.config.callers }}
-{{- if not (get $.Values.secrets.callerKeyDigests $name) }}{{ $missing = append $missing (printf "secrets.callerKeyDigests.%s" $name) }}{{ end }}
+{{- range $name, $caller := .Values.config.callers }}
+{{- if not (or (get $.Values.secrets.callerKeyDigests $name) $caller.service_accounts $caller.client_subjects) }}{{ $missing = append $missing (printf "secrets.callerKeyDigests.%s" $name) }}{{ end }}
 {{- end }}
 {{- end }}
 {{- range $missing }}
@@ -165,6 +233,18 @@ several replicas, a NetworkPolicy that no caller may pass.
 {{- end }}
 {{- with include "monogoto-broker.missingSecrets" . | trim }}
 {{- $problems = append $problems . }}
+{{- end }}
+{{- if and .Values.tls.enabled (not (or .Values.tls.existingSecret .Values.tls.certManager.enabled)) }}
+{{- $problems = append $problems "- tls.existingSecret: required with tls.enabled (a kubernetes.io/tls Secret), or set tls.certManager.enabled" }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) }}
+{{- $problems = append $problems "- tls.certManager.issuerRef.name: required with tls.certManager.enabled" }}
+{{- end }}
+{{- if and .Values.kubernetesAuth.enabled (not (and .Values.config.caller_auth .Values.config.caller_auth.kubernetes)) }}
+{{- $problems = append $problems "- config.caller_auth.kubernetes: required with kubernetesAuth.enabled (the cluster's issuer and the audiences callers' tokens carry)" }}
+{{- end }}
+{{- if and .Values.metrics.port (eq (int .Values.metrics.port) (int .Values.containerPort)) }}
+{{- $problems = append $problems "- metrics.port: must differ from containerPort" }}
 {{- end }}
 {{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.callers) }}
 {{- $problems = append $problems "- networkPolicy.callers: required with networkPolicy.enabled (the peers that may call the broker; [{podSelector: {}}] for every pod of the release's namespace)" }}
