@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 RELOAD_CHECK_SECONDS = 5
 # The ASGI "tls" extension names TLS versions by their protocol numbers.
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+# An attribute type with the separator before it and the spaces around it: RFC 4514 names are
+# case-insensitive, and people write subjects the way `openssl x509 -subject` prints them.
+_ATTRIBUTE = re.compile(r"(^|(?<!\\),)\s*([A-Za-z][A-Za-z0-9-]*)\s*=")
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -36,10 +40,11 @@ class TlsFileError(ValueError):
 
 def canonical_subject(text: str) -> str:
     """A distinguished name written as in RFC 4514 (`CN=fleet-ingest,O=telemetry`), spelt the
-    way a client certificate's subject is compared: attribute names upper-case, no spaces
-    around `=` and `,`; ValueError if it is not one."""
+    way a client certificate's subject is compared: attribute types upper-case, no spaces
+    around `,` and `=`; ValueError if it is not one."""
+    spelt = _ATTRIBUTE.sub(lambda match: f"{match[1]}{match[2].upper()}=", text.strip())
     try:
-        name = x509.Name.from_rfc4514_string(text.strip())
+        name = x509.Name.from_rfc4514_string(spelt)
     except ValueError:
         name = None
     if name is None or not len(name):
