@@ -23,7 +23,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
-from service.config import CONFIG_ENV, ConfigError, TlsSettings, load_settings
+from service.config import CONFIG_ENV, ConfigError, Settings, TlsSettings, load_settings
 from service.logs import configure_logging
 from service.tls import RELOAD_CHECK_SECONDS, CertificateReloader, tls_extension
 
@@ -62,28 +62,38 @@ def run_serve(config: Path | None, *, host: str, port: int, workers: int) -> int
         settings = load_settings(config)
     except ConfigError as error:
         return _fail("serve", f"{config} is not valid:", *error.report)
-    if settings.uses_memory_store and workers > 1:
-        return _fail(
-            "serve",
-            f"redis_url memory:// keeps tokens inside one process; it cannot serve {workers} "
-            "workers (use --workers 1, or a real Redis)",
-        )
-    if settings.metrics_port is not None and settings.metrics_port == port:
-        return _fail(
-            "serve",
-            f"metrics_port {port} is the port serve listens on (--port): choose another one",
-        )
+    problem = _usage_problem(settings, port=port, workers=workers)
+    if problem is not None:
+        return _fail("serve", problem)
     configure_logging("INFO")
     # Workers load the app themselves (one per process) and find the config here.
     os.environ[CONFIG_ENV] = str(config.resolve())
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    with _metrics_directory(workers), _metrics_server(host, settings.metrics_port):
+    with contextlib.ExitStack() as running:
+        running.enter_context(_metrics_directory(workers))
+        try:
+            running.enter_context(_metrics_server(host, settings.metrics_port))
+        except OSError as error:
+            log.error(f"cannot serve the metrics on port {settings.metrics_port}: {error.strerror}")
+            return EXIT_STARTUP_FAILURE
         try:
             serve_app(APP_FACTORY, host=host, port=port, workers=workers, tls=settings.tls)
         except WorkerStartupError as error:
             log.error(str(error), extra={"workers": workers})
             return EXIT_STARTUP_FAILURE
     return 0
+
+
+def _usage_problem(settings: Settings, *, port: int, workers: int) -> str | None:
+    """What makes a valid config unusable with these `serve` options, if anything."""
+    if settings.uses_memory_store and workers > 1:
+        return (
+            f"redis_url memory:// keeps tokens inside one process; it cannot serve {workers} "
+            "workers (use --workers 1, or a real Redis)"
+        )
+    if settings.metrics_port == port:
+        return f"metrics_port {port} is the port serve listens on (--port): choose another one"
+    return None
 
 
 def serve_app(
@@ -161,14 +171,20 @@ class _ServerConfig(uvicorn.Config):
 
     def __init__(self, app: str, *, tls: TlsSettings | None, **options: Any) -> None:
         if tls is not None:
-            options |= {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
-            options |= {"timeout_notify": RELOAD_CHECK_SECONDS}
-            options |= {"callback_notify": self._reload_certificate}
-            if tls.client_ca_file is not None:
+            options |= {
+                "ssl_certfile": str(tls.cert_file),
+                "ssl_keyfile": str(tls.key_file),
+                "timeout_notify": RELOAD_CHECK_SECONDS,
+                "callback_notify": self._reload_certificate,
+            }
+        if tls is not None and tls.client_ca_file is not None:
+            options |= {
+                "ssl_ca_certs": str(tls.client_ca_file),
                 # Optional, not required: probes and metrics scrapers present no certificate;
                 # one that is presented must chain to the CA or the handshake fails.
-                options |= {"ssl_ca_certs": str(tls.client_ca_file)}
-                options |= {"ssl_cert_reqs": ssl.CERT_OPTIONAL, "http": _ClientCertProtocol}
+                "ssl_cert_reqs": ssl.CERT_OPTIONAL,
+                "http": _ClientCertProtocol,
+            }
         super().__init__(app, **options)
         self.tls = tls
         self._reloader: CertificateReloader | None = None

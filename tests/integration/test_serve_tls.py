@@ -18,7 +18,7 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.keys import api_key_digest, new_api_key, new_encryption_key
-from service.serving import EXIT_USAGE, run_serve
+from service.serving import EXIT_STARTUP_FAILURE, EXIT_USAGE, run_serve
 from service.simulator.client import SimulatorControl
 from tests.certificates import (
     Issued,
@@ -236,6 +236,27 @@ def test_serve_refuses_metrics_port_equal_to_its_port(
 
     assert run_serve(config, host="127.0.0.1", port=port, workers=1) == EXIT_USAGE
     assert f"metrics_port {port} is the port serve listens on" in capsys.readouterr().err
+
+
+def test_serve_fails_to_start_when_its_metrics_port_is_taken(
+    tmp_path: Path, simulator: SimulatorControl
+) -> None:
+    """A metrics port another process listens on stops `serve` with the startup-failure code
+    and a line saying why, instead of a traceback."""
+    config = tmp_path / "broker.yaml"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        write_config(config, simulator, "unused", metrics_port=port)
+        serve = ServeProcess(config, tmp_path / "serve")
+        try:
+            exit_code = serve.process.wait(_START_SECONDS)
+        finally:
+            serve.kill()
+
+    assert exit_code == EXIT_STARTUP_FAILURE, serve.log()
+    assert f"cannot serve the metrics on port {port}" in serve.log()
 
 
 def auth(key: str) -> dict[str, str]:
