@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -45,11 +46,18 @@ class ServeProcess:
 
     Its stdout and stderr go to `directory/serve.log` and its temporary files (e.g. the metrics
     directory of several workers) to `directory/tmp`; `BROKER_*` variables are not inherited.
+    With `tls_ca` (the config has `tls`), its URL is https:// and `verify` trusts that CA.
     """
 
-    def __init__(self, config: Path, directory: Path, *, workers: int = 1) -> None:
+    def __init__(
+        self, config: Path, directory: Path, *, workers: int = 1, tls_ca: Path | None = None
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "http" if tls_ca is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = (
+            True if tls_ca is None else ssl.create_default_context(cafile=tls_ca)
+        )
         self.log_path = directory / "serve.log"
         self.temp_dir = directory / "tmp"
         self.temp_dir.mkdir(parents=True)
@@ -68,7 +76,7 @@ class ServeProcess:
         """Poll `path` until it answers 200; fail with the log if the process exits first or
         the deadline passes."""
         deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=2.0) as http:
+        with httpx.Client(base_url=self.url, timeout=2.0, verify=self.verify) as http:
             while True:
                 if self.process.poll() is not None:
                     pytest.fail(f"serve exited with {self.process.returncode}:\n{self.log()}")

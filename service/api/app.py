@@ -34,6 +34,8 @@ Callers authenticate with `Authorization: Bearer <caller key>`. Errors are RFC 9
 (401), `forbidden` (403, also for accounts that do not exist), `upstream_unavailable` and
 `credentials_rejected` (503, with `Retry-After`), `not_found`, `method_not_allowed` and
 `internal_error`. Operations endpoints (`/healthz`, `/readyz`, `/metrics`) need no caller key.
+With mTLS configured, a request without `Authorization` may authenticate with a client
+certificate instead.
 """
 
 
@@ -75,6 +77,8 @@ def create_app(settings: Settings) -> Litestar:
             del app.state[RUNTIME_STATE_KEY]
             await runtime.stop()
 
+    # With metrics_port, `serve` exposes the metrics there, keeping them off the callers' port.
+    metrics = [] if settings.metrics_port is not None else [MetricsController]
     # No router-wide guard: each /v1 controller guards itself (requires_caller, or on the token
     # routes requires_account_access, which includes it), so a request runs one guard only.
     api = Router(
@@ -83,7 +87,7 @@ def create_app(settings: Settings) -> Litestar:
         security=[{_SECURITY_SCHEME: []}],
     )
     return MeteredLitestar(
-        route_handlers=[api, OpsController, MetricsController],
+        route_handlers=[api, OpsController, *metrics],
         lifespan=[lifespan],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,

@@ -1,10 +1,13 @@
-"""Caller authentication (`Authorization: Bearer <caller key>`) and per-account permission.
+"""Caller authentication (`Authorization: Bearer <caller key>`, or a client certificate) and
+per-account permission.
 
 The caller table is built once at start-up, keyed by the SHA-256 of each caller's key (a caller
 has several while its key is rotated, each an entry of its own): a request costs one hash, one
-dict lookup and one constant-time comparison. A caller that may not use an account and an
-account that does not exist get the same 403, so callers cannot enumerate the configured
-accounts.
+dict lookup and one constant-time comparison. A request without an `Authorization` header is
+identified by its client certificate's subject, if the connection has a verified one (mTLS:
+`service/serving.py` puts it in the scope as the ASGI "tls" extension). A caller that may not
+use an account and an account that does not exist get the same 403, so callers cannot enumerate
+the configured accounts.
 """
 
 from __future__ import annotations
@@ -64,19 +67,35 @@ class Caller:
 
 
 class CallerDirectory:
-    """Every configured caller, found by the digest of the key it presents."""
+    """Every configured caller, found by the digest of the key it presents or by the subject
+    of its client certificate."""
 
     def __init__(self, callers: Mapping[str, CallerSettings], accounts: frozenset[str]) -> None:
         self.accounts = accounts
         self._by_digest: dict[str, Caller] = {}
+        self._by_subject: dict[str, Caller] = {}
         for name, settings in callers.items():
             allowed = frozenset(account for account in accounts if settings.allows(account))
             # Every digest of a caller (several while its key is rotated) finds that caller.
             for digest in settings.key_digests():
                 self._by_digest[digest] = Caller(name=name, accounts=allowed, credential=digest)
+            for subject in settings.client_subjects or ():
+                self._by_subject[subject] = Caller(
+                    name=name,
+                    accounts=allowed,
+                    credential=subject,
+                    method=AuthMethod.CLIENT_CERTIFICATE,
+                )
 
-    def authenticate(self, authorization: str | None) -> Caller:
-        """The caller whose key the `Authorization` header carries; raises UnauthenticatedError."""
+    def authenticate(self, authorization: str | None, client_subject: str | None = None) -> Caller:
+        """The caller whose key the `Authorization` header carries or, without that header, the
+        caller with the verified client certificate's subject `client_subject` (RFC 4514);
+        raises UnauthenticatedError."""
+        if authorization is None and client_subject is not None:
+            caller = self._by_subject.get(client_subject)
+            if caller is None:
+                _refuse("unknown")
+            return caller
         key = _bearer_key(authorization)
         if key is None:
             _refuse("missing")
@@ -114,9 +133,19 @@ def _authorization(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None
     return None
 
 
+def _client_subject(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    # Only a connection whose handshake verified a client certificate has a name here.
+    extensions: dict[str, Any] = connection.scope.get("extensions") or {}
+    tls = extensions.get("tls")
+    return tls.get("client_cert_name") if tls else None
+
+
 def _identify(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
     callers: CallerDirectory = connection.app.state[CALLERS_STATE_KEY]
-    caller = callers.authenticate(_authorization(connection))
+    authorization = _authorization(connection)
+    caller = callers.authenticate(
+        authorization, _client_subject(connection) if authorization is None else None
+    )
     connection.scope["user"] = caller
     return caller
 
@@ -124,7 +153,8 @@ def _identify(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
 async def requires_caller(
     connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
 ) -> None:
-    """Guard: identify the caller by its key (else 401) and make it the connection's user.
+    """Guard: identify the caller by its key or client certificate (else 401) and make it the
+    connection's user.
 
     A guard rather than an authentication middleware, so that the refusal becomes a response
     inside the route, where the HTTP metrics see its real status. Guards are coroutines:

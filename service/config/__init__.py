@@ -27,6 +27,7 @@ from service.config.models import (
     Dialect,
     RefreshSettings,
     RetrySettings,
+    TlsSettings,
     UpstreamSettings,
 )
 from service.config.settings import ENV_PREFIX, Settings
@@ -49,6 +50,7 @@ __all__ = [
     "RefreshSettings",
     "RetrySettings",
     "Settings",
+    "TlsSettings",
     "UpstreamSettings",
     "build_settings",
     "check_config",

@@ -6,9 +6,10 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,9 +29,13 @@ from service.config.fields import (
     read_secret,
 )
 from service.keys import DIGEST_PREFIX
+from service.tls import TlsFileError, canonical_subject, check_client_ca, check_key_pair
 
 ALL_ACCOUNTS = "*"
 DIGEST_FIELDS = ("api_key_sha256", "api_key_sha256_file")
+# Every kind of credential a caller may be configured with; a caller needs at least one.
+CREDENTIAL_FIELDS = (*DIGEST_FIELDS, "client_subjects")
+_NO_CREDENTIAL = f"required (set {', '.join(CREDENTIAL_FIELDS[:-1])} or {CREDENTIAL_FIELDS[-1]})"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _BAD_DIGEST = "must be 'sha256:' and 64 hex digits (see new-api-key)"
 # How the keys of `new-api-key` begin (service/keys.py): a caller key pasted where its digest
@@ -174,8 +179,12 @@ class AccountSettings(_Section):
         )
 
 
+ClientSubject = Annotated[str, AfterValidator(canonical_subject)]
+
+
 class CallerSettings(_Section):
-    """An internal service allowed to fetch tokens, identified by the digest of its key.
+    """An internal service allowed to fetch tokens, identified by the digest of its key or by
+    the subject of its client certificate (with `tls.client_ca_file`), or both.
 
     A caller may have several key digests, so that its key can be rotated without downtime:
     the new digest is added next to the old one, the caller moves to the new key, and the old
@@ -184,9 +193,12 @@ class CallerSettings(_Section):
 
     api_key_sha256: SecretStr | list[SecretStr] | None = None
     api_key_sha256_file: Path | None = None
+    # RFC 4514 subjects, spelt canonically (`CN=fleet-ingest,O=telemetry`).
+    client_subjects: list[ClientSubject] | None = None
     accounts: list[str]
-    # Lowercase hex digests, in the configured order; filled in by `_read_digests`.
-    _digests: tuple[str, ...] = PrivateAttr(default=())
+    # Lowercase hex digests, in the configured order (none for a caller without keys); filled
+    # in by `_read_digests`.
+    _digests: tuple[str, ...] | None = PrivateAttr(default=None)
     # Where each digest was configured: its location and a message prefix ("line 3: ").
     _sources: tuple[tuple[Loc, str], ...] = PrivateAttr(default=())
 
@@ -213,10 +225,21 @@ class CallerSettings(_Section):
             raise ValueError(f"list at least one account name, or '{ALL_ACCOUNTS}' for all")
         return accounts
 
+    @field_validator("client_subjects")
+    @classmethod
+    def _some_subjects(cls, subjects: list[str] | None) -> list[str] | None:
+        if subjects is not None and not subjects:
+            raise ValueError("list at least one subject, or leave client_subjects out")
+        return subjects
+
     @model_validator(mode="wrap")
     @classmethod
     def _read_digests(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
-        return check_fields(cls, data, handler, {DIGEST_FIELDS: cls.read_digests})
+        return check_fields(cls, data, handler, {CREDENTIAL_FIELDS: cls.read_digests})
+
+    def _has_other_credentials(self) -> bool:
+        """Whether the caller has a credential besides keys (keys are then optional)."""
+        return bool(self.client_subjects)
 
     def read_digests(self) -> Problems:
         """Read and check this caller's digests (inline or from its file) and keep them for
@@ -224,6 +247,13 @@ class CallerSettings(_Section):
         problems: Problems = []
         digests: list[str] = []
         sources: list[tuple[Loc, str]] = []
+        keys_set = self.api_key_sha256 is not None or self.api_key_sha256_file is not None
+        if not keys_set:
+            if not self._has_other_credentials():
+                problems.append((("api_key_sha256",), _NO_CREDENTIAL))
+            else:
+                self._digests = self._sources = ()
+            return problems
         for loc, prefix, text in self._digest_entries(problems):
             digest = text.strip().lower().removeprefix(DIGEST_PREFIX)
             if any(line.strip().startswith(_KEY_PREFIX) for line in text.splitlines()):
@@ -271,7 +301,7 @@ class CallerSettings(_Section):
 
     def key_digests(self) -> tuple[str, ...]:
         """Lowercase hex SHA-256 of each of this caller's keys (several while rotating)."""
-        if not self._digests:
+        if self._digests is None:
             raise RuntimeError("caller was not validated")
         return self._digests
 
@@ -291,3 +321,41 @@ def _describe(loc: Loc, prefix: str) -> str:
         return prefix.removesuffix(": ")
     name, *index = loc
     return f"{name}[{index[0]}]" if index else str(name)
+
+
+class TlsSettings(_Section):
+    """The broker's listener over TLS; with `client_ca_file`, clients may also present a
+    certificate (mTLS) that callers' `client_subjects` can be matched against."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_files(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        return check_fields(
+            cls,
+            data,
+            handler,
+            {("cert_file", "key_file"): cls._key_pair, ("client_ca_file",): cls._client_ca},
+        )
+
+    def _key_pair(self) -> Problems:
+        # Both are required; a missing one is reported as such, and this check waits for it.
+        if "cert_file" not in self.model_fields_set or "key_file" not in self.model_fields_set:
+            return []
+        try:
+            check_key_pair(self.cert_file, self.key_file)
+        except TlsFileError as error:
+            return [((error.field,), str(error))]
+        return []
+
+    def _client_ca(self) -> Problems:
+        if self.client_ca_file is None:
+            return []
+        try:
+            check_client_ca(self.client_ca_file)
+        except TlsFileError as error:
+            return [((error.field,), str(error))]
+        return []

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from service.config.fields import (
     KeyPrefix,
+    Loc,
     Name,
     Problems,
     errors_below,
@@ -29,12 +30,13 @@ from service.config.fields import (
 )
 from service.config.models import (
     ALL_ACCOUNTS,
-    DIGEST_FIELDS,
+    CREDENTIAL_FIELDS,
     Account,
     AccountSettings,
     ApiSettings,
     CallerSettings,
     RefreshSettings,
+    TlsSettings,
     UpstreamSettings,
 )
 from service.config.redis_url import check_store_url
@@ -63,6 +65,9 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     accounts: dict[Name, AccountSettings] = Field(default_factory=dict, validate_default=True)
     callers: dict[Name, CallerSettings] = Field(default_factory=dict)
+    tls: TlsSettings | None = None
+    # Serve /metrics on this port (plain HTTP) instead of the API's port.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
 
     @classmethod
     def settings_customise_sources(
@@ -83,6 +88,13 @@ class Settings(BaseSettings):
         check_store_url(url.get_secret_value())
         return url
 
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _port_not_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("must not be true or false")
+        return value
+
     @field_validator("accounts")
     @classmethod
     def _some_accounts(cls, accounts: dict[str, AccountSettings]) -> dict[str, AccountSettings]:
@@ -102,6 +114,9 @@ class Settings(BaseSettings):
         except ValidationError as error:
             errors = error.errors()
             problems = _caller_problems(*_callers_in(data, errors))
+            tls = data.get("tls")
+            has_client_ca = isinstance(tls, Mapping) and tls.get("client_ca_file") is not None
+            problems += _subject_problems(has_client_ca, _subjects_in(data, errors))
             shared = valid_part(cls, data, errors, _SHARED_SECRETS)
             if shared is not None:
                 problems += shared._read_shared_secrets()
@@ -109,6 +124,9 @@ class Settings(BaseSettings):
             raise  # not reached: there are errors
         callers = {name: (caller.accounts, caller) for name, caller in settings.callers.items()}
         problems = _caller_problems(settings.accounts, callers)
+        subjects = {name: caller.client_subjects for name, caller in settings.callers.items()}
+        has_client_ca = settings.tls is not None and settings.tls.client_ca_file is not None
+        problems += _subject_problems(has_client_ca, subjects)
         problems += settings._read_shared_secrets()
         raise_problems(problems)
         return settings
@@ -187,7 +205,7 @@ def _callers_in(
     for name, entry in raw.items() if isinstance(raw, Mapping) else ():
         below = errors_below(errors, "callers", name)
         listed = valid_part(CallerSettings, entry, below, ("accounts",))
-        keys = valid_part(CallerSettings, entry, below, DIGEST_FIELDS)
+        keys = valid_part(CallerSettings, entry, below, CREDENTIAL_FIELDS)
         callers[str(name)] = (
             listed.accounts if listed is not None and "accounts" in entry else None,
             keys if keys is not None and not keys.read_digests() else None,
@@ -220,4 +238,42 @@ def _caller_problems(
                         f"{prefix}same key as caller '{owner}' (each caller needs its own)",
                     )
                 )
+    return problems
+
+
+def _subjects_in(
+    data: Mapping[str, Any], errors: list[ErrorDetails]
+) -> dict[str, list[str] | None]:
+    """The valid `client_subjects` of each caller of raw `data` that failed validation."""
+    subjects: dict[str, list[str] | None] = {}
+    raw = data.get("callers")
+    for name, entry in raw.items() if isinstance(raw, Mapping) else ():
+        below = errors_below(errors, "callers", name)
+        listed = valid_part(CallerSettings, entry, below, ("client_subjects",))
+        subjects[str(name)] = listed.client_subjects if listed is not None else None
+    return subjects
+
+
+def _subject_problems(has_client_ca: bool, callers: Mapping[str, list[str] | None]) -> Problems:
+    """Client subjects without a client CA to verify certificates against, and a subject listed
+    twice (by one caller or by two)."""
+    problems: Problems = []
+    owners: dict[str, tuple[str, int]] = {}
+    for name, subjects in callers.items():
+        for index, subject in enumerate(subjects or ()):
+            where: Loc = ("callers", name, "client_subjects", index)
+            owner, first = owners.setdefault(subject, (name, index))
+            if owner != name:
+                problems.append(
+                    (where, f"same subject as caller '{owner}' (each caller needs its own)")
+                )
+            elif first != index:
+                problems.append((where, f"same subject as client_subjects[{first}]"))
+        if subjects and not has_client_ca:
+            problems.append(
+                (
+                    ("callers", name, "client_subjects"),
+                    "needs tls.client_ca_file (the CA that client certificates must chain to)",
+                )
+            )
     return problems
