@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
 import re
@@ -30,6 +31,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from service.config import ENV_PREFIX, ConfigError, Settings, build_settings
 from service.config.loading import CONFIG_ENV, _read_yaml
@@ -106,6 +112,14 @@ CHART_SECRETS = (
         optional=True,
     ),
 )
+#: Settings the chart makes from values of its own (templates/_helpers.tpl): `config:` does not
+#: take them (its schema leaves them out), and each is named with the value that sets it.
+CHART_OWNED: dict[tuple[str, ...], str] = {
+    ("tls",): "tls.enabled",
+    ("metrics_port",): "metrics.port",
+    ("caller_auth", "kubernetes", "jwks_ca_file"): "kubernetesAuth.enabled",
+    ("caller_auth", "kubernetes", "jwks_token_file"): "kubernetesAuth.enabled",
+}
 #: Where the chart mounts the TLS Secret and the broker's own ServiceAccount token with the
 #: cluster's CA (templates/_helpers.tpl), and the JWKS it reads by default.
 TLS_DIR = "/etc/monogoto-broker/tls"
@@ -152,6 +166,7 @@ _VALIDATOR_FORMS: dict[tuple[str, ...], dict[str, Any]] = {
     ("accounts",): {"propertyNames": {"pattern": NAME_PATTERN}},
     ("accounts", "*", "base_url"): {"pattern": BASE_URL_PATTERN},
     ("callers",): {"propertyNames": {"pattern": NAME_PATTERN}},
+    ("callers", "*", "client_subjects"): {"minItems": 1},
     ("callers", "*", "accounts"): {
         "minItems": 1,
         "items": {"type": "string", "pattern": r"^(\*|[a-z0-9][a-z0-9_-]{0,62})$"},
@@ -241,7 +256,7 @@ def _adapt(
         properties = {
             name: _adapt(child, definitions, (*path, name))
             for name, child in node["properties"].items()
-            if not _is_secret(name, child, node["properties"])
+            if not _is_secret(name, child, node["properties"]) and (*path, name) not in CHART_OWNED
         }
         node["properties"] = properties
         node["additionalProperties"] = False
@@ -456,6 +471,7 @@ def check_helm_values(paths: Sequence[Path]) -> str:
     if problems:
         raise ConfigError(problems)
     problems += _secrets_in_config(values["config"])
+    problems += _chart_owned_in_config(values["config"])
     problems += chart_problems(values)
     config = chart_config(values)
     env, unseen = _pod_environment(values["extraEnv"], problems)
@@ -467,7 +483,13 @@ def check_helm_values(paths: Sequence[Path]) -> str:
             given = not existing and item.value is not None
             text = item.content() if given else item.secret.stand_in()
             (Path(directory) / item.key).write_text(text + "\n", encoding="utf-8")
-        local = json.loads(json.dumps(config).replace(SECRETS_DIR, directory))
+        text = json.dumps(config).replace(SECRETS_DIR, directory)
+        # The TLS Secret and the JWKS reader's token are the cluster's: stand-ins of the same
+        # shape (a certificate, its key, a CA, a token) take their place.
+        for mounted, stand_in in ((TLS_DIR, "tls"), (KUBERNETES_DIR, "kubernetes")):
+            if mounted in text:
+                text = text.replace(mounted, str(write_stand_ins(Path(directory) / stand_in)))
+        local = json.loads(text)
         try:
             with _environment(env):
                 settings = build_settings(local)
@@ -487,9 +509,52 @@ def check_helm_values(paths: Sequence[Path]) -> str:
     if existing:
         keys = ", ".join(item.key for item in items)
         summary += f"; taken as present in Secret {existing}, not checked: {keys}"
+    unseen_files = [
+        what
+        for what, enabled in (
+            ("the TLS certificate", _mapping(values.get("tls")).get("enabled")),
+            ("the JWKS reader's token", _mapping(values.get("kubernetesAuth")).get("enabled")),
+        )
+        if enabled
+    ]
+    if unseen_files:
+        summary += f"; taken as present: {' and '.join(unseen_files)}"
     if unseen:
         summary += f"; not checked (extraEnv valueFrom): {', '.join(unseen)}"
     return summary
+
+
+def write_stand_ins(directory: Path) -> Path:
+    """Write a self-signed certificate (it is its own CA) as `tls.crt` and `ca.crt`, its key as
+    `tls.key`, and a `token` into `directory`: what the chart's TLS Secret and JWKS reader's
+    volume hold, for a check that cannot see them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stand-in")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir()
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    (directory / "tls.crt").write_bytes(pem)
+    (directory / "ca.crt").write_bytes(pem)
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (directory / "token").write_text("taken-as-present\n", encoding="utf-8")
+    return directory
 
 
 def _count(number: int, noun: str) -> str:
@@ -511,6 +576,20 @@ def _secrets_in_config(config: dict[str, Any]) -> list[str]:
                         f"config: set {secret.place.format(name=name)} or the Secret's key "
                         f"{secret.key.format(name=name)}"
                     )
+    return problems
+
+
+def _chart_owned_in_config(config: dict[str, Any]) -> list[str]:
+    """Settings the chart makes itself written into `config:` (its schema refuses them): one
+    problem each, naming the value to use; they are left out of the rest of the check."""
+    problems: list[str] = []
+    for path, value in CHART_OWNED.items():
+        holder: Any = config
+        for part in path[:-1]:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and path[-1] in holder:
+            del holder[path[-1]]
+            problems.append(f"config.{'.'.join(path)}: set by the chart: use {value}")
     return problems
 
 
