@@ -23,6 +23,7 @@ from service.config.fields import (
     BaseUrl,
     Loc,
     Problems,
+    ServiceAccountName,
     check_fields,
     raise_problems,
     read_secret,
@@ -31,6 +32,8 @@ from service.keys import DIGEST_PREFIX
 
 ALL_ACCOUNTS = "*"
 DIGEST_FIELDS = ("api_key_sha256", "api_key_sha256_file")
+# What a caller may authenticate with: at least one of them.
+CREDENTIAL_FIELDS = (*DIGEST_FIELDS, "service_accounts")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _BAD_DIGEST = "must be 'sha256:' and 64 hex digits (see new-api-key)"
 # How the keys of `new-api-key` begin (service/keys.py): a caller key pasted where its digest
@@ -40,6 +43,7 @@ _PASTED_KEY = (
     "this looks like the key itself (line 1 of new-api-key); give the sha256:... digest (line 2)"
 )
 _EMPTY_DIGEST_LIST = "list at least one digest (several only while rotating a key)"
+_NO_CREDENTIAL = "required (set api_key_sha256, api_key_sha256_file or service_accounts)"
 
 # Upper bounds of durations: far beyond any sensible setting, yet small enough that every
 # Redis expiry derived from them (lock lease, budget window, failure marker, record TTL) is one
@@ -175,7 +179,8 @@ class AccountSettings(_Section):
 
 
 class CallerSettings(_Section):
-    """An internal service allowed to fetch tokens, identified by the digest of its key.
+    """An internal service allowed to fetch tokens, identified by the digest of its key, by
+    its Kubernetes ServiceAccounts (`namespace/name`), or both.
 
     A caller may have several key digests, so that its key can be rotated without downtime:
     the new digest is added next to the old one, the caller moves to the new key, and the old
@@ -184,9 +189,11 @@ class CallerSettings(_Section):
 
     api_key_sha256: SecretStr | list[SecretStr] | None = None
     api_key_sha256_file: Path | None = None
+    service_accounts: list[ServiceAccountName] | None = None
     accounts: list[str]
     # Lowercase hex digests, in the configured order; filled in by `_read_digests`.
     _digests: tuple[str, ...] = PrivateAttr(default=())
+    _checked: bool = PrivateAttr(default=False)
     # Where each digest was configured: its location and a message prefix ("line 3: ").
     _sources: tuple[tuple[Loc, str], ...] = PrivateAttr(default=())
 
@@ -206,6 +213,23 @@ class CallerSettings(_Section):
             raise ValueError("must be a digest or a list of digests")
         return value
 
+    @field_validator("service_accounts")
+    @classmethod
+    def _distinct_service_accounts(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        if not names:
+            raise ValueError("list at least one 'namespace/name', or leave service_accounts out")
+        problems: list[tuple[Loc, str]] = []
+        first: dict[str, int] = {}
+        for index, name in enumerate(names):
+            if first.setdefault(name, index) != index:
+                problems.append(
+                    ((index,), f"same service account as service_accounts[{first[name]}]")
+                )
+        raise_problems(problems)
+        return names
+
     @field_validator("accounts")
     @classmethod
     def _not_empty(cls, accounts: list[str]) -> list[str]:
@@ -216,12 +240,18 @@ class CallerSettings(_Section):
     @model_validator(mode="wrap")
     @classmethod
     def _read_digests(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
-        return check_fields(cls, data, handler, {DIGEST_FIELDS: cls.read_digests})
+        return check_fields(cls, data, handler, {CREDENTIAL_FIELDS: cls.read_digests})
 
     def read_digests(self) -> Problems:
         """Read and check this caller's digests (inline or from its file) and keep them for
-        `key_digests`; the problems found, by location below the caller."""
+        `key_digests`; the problems found, by location below the caller. A caller with service
+        accounts needs no digest."""
         problems: Problems = []
+        if self.api_key_sha256 is None and self.api_key_sha256_file is None:
+            if not self.service_accounts:
+                return [(("api_key_sha256",), _NO_CREDENTIAL)]
+            self._checked = True
+            return []
         digests: list[str] = []
         sources: list[tuple[Loc, str]] = []
         for loc, prefix, text in self._digest_entries(problems):
@@ -242,6 +272,7 @@ class CallerSettings(_Section):
             self.api_key_sha256 = [SecretStr(digest) for digest in digests]
             self._digests = tuple(digests)
             self._sources = tuple(sources)
+            self._checked = True
         return problems
 
     def _digest_entries(self, problems: Problems) -> list[tuple[Loc, str, str]]:
@@ -270,8 +301,9 @@ class CallerSettings(_Section):
         return entries
 
     def key_digests(self) -> tuple[str, ...]:
-        """Lowercase hex SHA-256 of each of this caller's keys (several while rotating)."""
-        if not self._digests:
+        """Lowercase hex SHA-256 of each of this caller's keys (several while rotating; none
+        for a caller known by its service accounts only)."""
+        if not self._checked:
             raise RuntimeError("caller was not validated")
         return self._digests
 

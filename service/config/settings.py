@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.config.caller_auth import CallerAuthSettings
 from service.config.fields import (
     KeyPrefix,
     Name,
@@ -29,7 +30,7 @@ from service.config.fields import (
 )
 from service.config.models import (
     ALL_ACCOUNTS,
-    DIGEST_FIELDS,
+    CREDENTIAL_FIELDS,
     Account,
     AccountSettings,
     ApiSettings,
@@ -63,6 +64,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     accounts: dict[Name, AccountSettings] = Field(default_factory=dict, validate_default=True)
     callers: dict[Name, CallerSettings] = Field(default_factory=dict)
+    caller_auth: CallerAuthSettings = Field(default_factory=CallerAuthSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -102,6 +104,7 @@ class Settings(BaseSettings):
         except ValidationError as error:
             errors = error.errors()
             problems = _caller_problems(*_callers_in(data, errors))
+            problems += _service_account_problems(*_service_accounts_in(cls, data, errors))
             shared = valid_part(cls, data, errors, _SHARED_SECRETS)
             if shared is not None:
                 problems += shared._read_shared_secrets()
@@ -109,6 +112,10 @@ class Settings(BaseSettings):
             raise  # not reached: there are errors
         callers = {name: (caller.accounts, caller) for name, caller in settings.callers.items()}
         problems = _caller_problems(settings.accounts, callers)
+        problems += _service_account_problems(
+            settings.caller_auth.kubernetes is not None,
+            {name: caller.service_accounts for name, caller in settings.callers.items()},
+        )
         problems += settings._read_shared_secrets()
         raise_problems(problems)
         return settings
@@ -187,7 +194,7 @@ def _callers_in(
     for name, entry in raw.items() if isinstance(raw, Mapping) else ():
         below = errors_below(errors, "callers", name)
         listed = valid_part(CallerSettings, entry, below, ("accounts",))
-        keys = valid_part(CallerSettings, entry, below, DIGEST_FIELDS)
+        keys = valid_part(CallerSettings, entry, below, CREDENTIAL_FIELDS)
         callers[str(name)] = (
             listed.accounts if listed is not None and "accounts" in entry else None,
             keys if keys is not None and not keys.read_digests() else None,
@@ -218,6 +225,50 @@ def _caller_problems(
                     (
                         ("callers", name, *where),
                         f"{prefix}same key as caller '{owner}' (each caller needs its own)",
+                    )
+                )
+    return problems
+
+
+def _service_accounts_in(
+    cls: type[Settings], data: Mapping[str, Any], errors: list[ErrorDetails]
+) -> tuple[bool | None, dict[str, list[str] | None]]:
+    """Whether `caller_auth.kubernetes` is set (None if `caller_auth` is invalid) and each
+    caller's service accounts (None where invalid), from raw `data` that failed validation."""
+    auth = valid_part(cls, data, errors, ("caller_auth",))
+    kubernetes = None if auth is None else auth.caller_auth.kubernetes is not None
+    callers: dict[str, list[str] | None] = {}
+    raw = data.get("callers")
+    for name, entry in raw.items() if isinstance(raw, Mapping) else ():
+        below = errors_below(errors, "callers", name)
+        part = valid_part(CallerSettings, entry, below, ("service_accounts",))
+        callers[str(name)] = None if part is None else part.service_accounts
+    return kubernetes, callers
+
+
+def _service_account_problems(
+    kubernetes: bool | None, callers: Mapping[str, list[str] | None]
+) -> Problems:
+    """Service accounts without `caller_auth.kubernetes` to check their tokens (unless that is
+    unknown), and service accounts of two callers."""
+    problems: Problems = []
+    owners: dict[str, str] = {}
+    for name, accounts in callers.items():
+        if accounts and kubernetes is False:
+            problems.append(
+                (
+                    ("callers", name, "service_accounts"),
+                    "needs caller_auth.kubernetes (the issuer and audiences that ServiceAccount "
+                    "tokens are checked against)",
+                )
+            )
+        for index, account in enumerate(accounts or ()):
+            owner = owners.setdefault(account, name)
+            if owner != name:
+                problems.append(
+                    (
+                        ("callers", name, "service_accounts", index),
+                        f"same service account as caller '{owner}' (each caller needs its own)",
                     )
                 )
     return problems
