@@ -63,17 +63,23 @@ def create_app(settings: Settings) -> Litestar:
     HTTP requests are counted and timed by route template (`/v1/accounts/{account}/token`,
     never the raw path) around the whole app (`MeteredLitestar`).
     """
-    callers = CallerDirectory(settings.callers, frozenset(settings.accounts))
+    callers = CallerDirectory(
+        settings.callers, frozenset(settings.accounts), settings.caller_auth.kubernetes
+    )
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        runtime = await BrokerRuntime.start(settings)
-        app.state[RUNTIME_STATE_KEY] = runtime
+        callers.start()
         try:
-            yield
+            runtime = await BrokerRuntime.start(settings)
+            app.state[RUNTIME_STATE_KEY] = runtime
+            try:
+                yield
+            finally:
+                del app.state[RUNTIME_STATE_KEY]
+                await runtime.stop()
         finally:
-            del app.state[RUNTIME_STATE_KEY]
-            await runtime.stop()
+            await callers.stop()
 
     # No router-wide guard: each /v1 controller guards itself (requires_caller, or on the token
     # routes requires_account_access, which includes it), so a request runs one guard only.

@@ -1,10 +1,13 @@
-"""Caller authentication (`Authorization: Bearer <caller key>`) and per-account permission.
+"""Caller authentication (`Authorization: Bearer <caller key>` or `Bearer <ServiceAccount
+token>`) and per-account permission.
 
 The caller table is built once at start-up, keyed by the SHA-256 of each caller's key (a caller
 has several while its key is rotated, each an entry of its own): a request costs one hash, one
-dict lookup and one constant-time comparison. A caller that may not use an account and an
-account that does not exist get the same 403, so callers cannot enumerate the configured
-accounts.
+dict lookup and one constant-time comparison. A credential that is no known key but has the
+shape of a JWT is verified as a ServiceAccount token (service/api/service_accounts.py) when
+`caller_auth.kubernetes` is configured, the same hash being the key of the verified tokens.
+A caller that may not use an account and an account that does not exist get the same 403, so
+callers cannot enumerate the configured accounts.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any, NoReturn
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from service.config import CallerSettings
+from service.api.service_accounts import ServiceAccountVerifier, TokenRejectedError, looks_like_jwt
+from service.config import CallerSettings, KubernetesAuthSettings
 from service.keys import api_key_digest
 from service.metrics import CALLER_AUTH_FAILURES, TOKEN_REQUESTS
 
@@ -64,19 +68,41 @@ class Caller:
 
 
 class CallerDirectory:
-    """Every configured caller, found by the digest of the key it presents."""
+    """Every configured caller, found by the digest of the key it presents or by the
+    ServiceAccount its token proves (with `kubernetes`, the cluster accepted)."""
 
-    def __init__(self, callers: Mapping[str, CallerSettings], accounts: frozenset[str]) -> None:
+    def __init__(
+        self,
+        callers: Mapping[str, CallerSettings],
+        accounts: frozenset[str],
+        kubernetes: KubernetesAuthSettings | None = None,
+    ) -> None:
         self.accounts = accounts
         self._by_digest: dict[str, Caller] = {}
+        # namespace/name -> the caller's name and the accounts it may use
+        self._by_service_account: dict[str, tuple[str, frozenset[str]]] = {}
         for name, settings in callers.items():
             allowed = frozenset(account for account in accounts if settings.allows(account))
             # Every digest of a caller (several while its key is rotated) finds that caller.
             for digest in settings.key_digests():
                 self._by_digest[digest] = Caller(name=name, accounts=allowed, credential=digest)
+            for service_account in settings.service_accounts or ():
+                self._by_service_account[service_account] = (name, allowed)
+        self.service_accounts = None if kubernetes is None else ServiceAccountVerifier(kubernetes)
 
-    def authenticate(self, authorization: str | None) -> Caller:
-        """The caller whose key the `Authorization` header carries; raises UnauthenticatedError."""
+    def start(self) -> None:
+        """Start fetching the keys ServiceAccount tokens are checked against, if configured."""
+        if self.service_accounts is not None:
+            self.service_accounts.keys.start()
+
+    async def stop(self) -> None:
+        """Stop what `start` started."""
+        if self.service_accounts is not None:
+            await self.service_accounts.keys.stop()
+
+    async def authenticate(self, authorization: str | None) -> Caller:
+        """The caller whose key or ServiceAccount token the `Authorization` header carries;
+        raises UnauthenticatedError."""
         key = _bearer_key(authorization)
         if key is None:
             _refuse("missing")
@@ -85,8 +111,32 @@ class CallerDirectory:
         # Looking up a SHA-256 digest reveals nothing usable about the key; the final
         # comparison is constant-time all the same.
         if caller is None or not hmac.compare_digest(digest, caller.credential):
+            if self.service_accounts is not None and looks_like_jwt(key):
+                return await self._service_account_caller(self.service_accounts, key, digest)
             _refuse("unknown")
         return caller
+
+    async def _service_account_caller(
+        self, verifier: ServiceAccountVerifier, token: str, digest: str
+    ) -> Caller:
+        try:
+            identity = await verifier.verify(token, digest)
+        except TokenRejectedError as error:
+            metric = "keys_unavailable" if error.reason == "keys_unavailable" else "invalid_token"
+            _refuse(metric, detail=error.reason)
+        namespace, _, account = identity.service_account.partition("/")
+        found = self._by_service_account.get(identity.service_account)
+        if found is None:
+            # A genuine token of a ServiceAccount no caller has is an unknown credential.
+            _refuse("unknown", namespace=namespace, serviceaccount=account)
+        name, allowed = found
+        return Caller(
+            name=name,
+            accounts=allowed,
+            credential=identity.service_account,
+            method=AuthMethod.SERVICE_ACCOUNT,
+            pod=identity.pod,
+        )
 
 
 def _bearer_key(authorization: str | None) -> str | None:
@@ -99,9 +149,14 @@ def _bearer_key(authorization: str | None) -> str | None:
     return key
 
 
-def _refuse(reason: str) -> NoReturn:
+def _refuse(reason: str, **context: str) -> NoReturn:
+    """Count and log a refused credential (`context`: what is known of it, never the
+    credential itself), then raise UnauthenticatedError."""
     CALLER_AUTH_FAILURES.labels(reason).inc()
-    log.warning("caller authentication failed", extra={"event": "caller.refused", "reason": reason})
+    log.warning(
+        "caller authentication failed",
+        extra={"event": "caller.refused", "reason": reason, **context},
+    )
     raise UnauthenticatedError(reason)
 
 
@@ -114,9 +169,9 @@ def _authorization(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None
     return None
 
 
-def _identify(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
+async def _identify(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
     callers: CallerDirectory = connection.app.state[CALLERS_STATE_KEY]
-    caller = callers.authenticate(_authorization(connection))
+    caller = await callers.authenticate(_authorization(connection))
     connection.scope["user"] = caller
     return caller
 
@@ -130,13 +185,13 @@ async def requires_caller(
     inside the route, where the HTTP metrics see its real status. Guards are coroutines:
     Litestar runs a plain-function guard in a worker thread.
     """
-    _identify(connection)
+    await _identify(connection)
 
 
-def authorise(connection: ASGIConnection[Any, Any, Any, Any], account: str) -> Caller:
+async def authorise(connection: ASGIConnection[Any, Any, Any, Any], account: str) -> Caller:
     """Identify the caller (else UnauthenticatedError, a 401), then require that it may use the
     configured `account` (else ForbiddenError, a 403); the caller."""
-    caller = _identify(connection)
+    caller = await _identify(connection)
     if account in caller.accounts:
         return caller
     CALLER_AUTH_FAILURES.labels("forbidden").inc()
@@ -165,4 +220,4 @@ async def requires_account_access(
     One guard for both checks: Litestar copies the route handler for every guard it runs, on
     every request (GET token skips guards altogether and calls `authorise` itself).
     """
-    authorise(connection, connection.path_params["account"])
+    await authorise(connection, connection.path_params["account"])

@@ -102,7 +102,7 @@ class KubernetesAuthSettings(_Section):
         if self.jwks_ca_file is None:
             return []
         try:
-            load_ca(self.jwks_ca_file)
+            ca_context(read_file(self.jwks_ca_file), self.jwks_ca_file)
         except ValueError as error:
             return [(("jwks_ca_file",), str(error))]
         return []
@@ -122,9 +122,9 @@ class KubernetesAuthSettings(_Section):
         return self.issuer.rstrip("/") + DISCOVERY_PATH
 
 
-def load_ca(path: Path) -> ssl.SSLContext:
-    """A TLS context trusting the PEM certificates in `path`; ValueError if there are none."""
-    text = read_file(path)
+def ca_context(text: str, path: Path) -> ssl.SSLContext:
+    """A TLS context trusting the PEM certificates in `text`, read from `path`; ValueError if
+    there are none."""
     try:
         return ssl.create_default_context(cadata=text)
     except ssl.SSLError:
