@@ -29,7 +29,8 @@ _SECURITY_SCHEME = "callerKey"
 _DESCRIPTION = """\
 Hands out valid Monogoto access tokens to authenticated internal callers.
 
-Callers authenticate with `Authorization: Bearer <caller key>`. Errors are RFC 9457
+Callers authenticate with `Authorization: Bearer <caller key>`, or on Kubernetes with
+`Authorization: Bearer <ServiceAccount token>` when the broker accepts them. Errors are RFC 9457
 `application/problem+json` with a stable `code`: `invalid_request` (400, 413), `unauthenticated`
 (401), `forbidden` (403, also for accounts that do not exist), `upstream_unavailable` and
 `credentials_rejected` (503, with `Retry-After`), `not_found`, `method_not_allowed` and
@@ -50,7 +51,8 @@ def _openapi_config() -> OpenAPIConfig:
                 _SECURITY_SCHEME: SecurityScheme(
                     type="http",
                     scheme="bearer",
-                    description="A caller key (`monogoto-broker new-api-key`).",
+                    description="A caller key (`monogoto-broker new-api-key`) or a "
+                    "projected Kubernetes ServiceAccount token.",
                 )
             }
         ),
