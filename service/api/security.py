@@ -68,8 +68,8 @@ class Caller:
 
 
 class CallerDirectory:
-    """Every configured caller, found by the digest of the key it presents or by the
-    ServiceAccount its token proves (with `kubernetes`, the cluster accepted)."""
+    """Every configured caller, found by the digest of the key it presents or, when
+    `kubernetes` names a cluster, by the ServiceAccount its token from that cluster proves."""
 
     def __init__(
         self,
@@ -124,10 +124,10 @@ class CallerDirectory:
         except TokenRejectedError as error:
             metric = "keys_unavailable" if error.reason == "keys_unavailable" else "invalid_token"
             _refuse(metric, detail=error.reason)
-        namespace, _, account = identity.service_account.partition("/")
         found = self._by_service_account.get(identity.service_account)
         if found is None:
             # A genuine token of a ServiceAccount no caller has is an unknown credential.
+            namespace, _, account = identity.service_account.partition("/")
             _refuse("unknown", namespace=namespace, serviceaccount=account)
         name, allowed = found
         return Caller(
