@@ -1,24 +1,31 @@
 """A Kubernetes service-account issuer for the tests: real RSA and EC keys, tokens with the
 claim layout of a projected ServiceAccount token, and its JWKS (and OpenID discovery document)
-served over HTTP on 127.0.0.1 from a thread, counting the requests it answers.
+served over HTTP (or HTTPS, with a certificate of a CA made here) on 127.0.0.1 from a thread,
+counting the requests it answers.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import hmac
+import ipaddress
 import json
+import ssl
 import threading
 import time
 import uuid
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 AUDIENCE = "monogoto-broker"
 JWKS_PATH = "/openid/v1/jwks"
@@ -122,17 +129,20 @@ def hs256_with_public_key(key: SigningKey, payload: dict[str, Any]) -> str:
 
 
 class IssuerServer:
-    """The JWKS (and discovery document) of the keys in `keys`, over HTTP on 127.0.0.1."""
+    """The JWKS (and discovery document) of the keys in `keys`, over HTTP on 127.0.0.1 (HTTPS
+    with `tls`)."""
 
-    def __init__(self, keys: list[SigningKey]) -> None:
+    def __init__(self, keys: list[SigningKey], tls: ssl.SSLContext | None = None) -> None:
         self.keys = list(keys)
         self.requests: Counter[str] = Counter()
         self.authorizations: list[str | None] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'http' if tls is None else 'https'}://127.0.0.1:{self.port}"
         self._thread: threading.Thread | None = None
 
     @property
@@ -191,3 +201,68 @@ class IssuerServer:
                 pass  # the test's output is not the place for access logs
 
         return Handler
+
+
+def certificate_authority(tmp_path: Path, name: str) -> tuple[Path, ssl.SSLContext]:
+    """A new CA's certificate (PEM, in `tmp_path`) and a server TLS context for 127.0.0.1 with
+    a certificate it signed."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    ca_file = tmp_path / f"{name}.crt"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    chain = tmp_path / f"{name}-server.pem"
+    chain.write_bytes(
+        server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        + server.public_bytes(pem)
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(chain)
+    return ca_file, context

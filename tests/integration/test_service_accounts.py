@@ -25,6 +25,7 @@ from service.simulator.client import SimulatorControl
 from tests.service_account_issuer import (
     IssuerServer,
     SigningKey,
+    certificate_authority,
     claims,
     hs256_with_public_key,
     sign,
@@ -394,6 +395,51 @@ async def test_discovery_and_bearer_token_file(
         rotated = _token(issuer, NEXT_KEY)
         assert (await broker.get(TOKEN_PATH, headers=_bearer(rotated))).status_code == 200
         assert issuer.authorizations[2:] == ["Bearer reader-token-2", "Bearer reader-token-2"]
+
+
+async def test_jwks_over_https_trusts_the_ca_file(
+    simulator: SimulatorControl, redis_url: str, simulator_url: str, tmp_path: Path
+) -> None:
+    """Over https the JWKS server's certificate must chain to jwks_ca_file: while the file
+    holds another CA the broker trusts no answer and fails closed; once the file holds the CA
+    that signed the certificate (read again for every fetch), the keys are obtained."""
+    simulator.set(rate_limit=1000)
+    cluster_ca, tls = certificate_authority(tmp_path, "cluster-ca")
+    other_ca, _ = certificate_authority(tmp_path, "other-ca")
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(other_ca.read_bytes())
+    with _started_tls(tls, RSA_KEY) as issuer:
+        assert issuer.url.startswith("https://")
+        kubernetes = {
+            "issuer": issuer.url,
+            "jwks_url": issuer.jwks_url,
+            "jwks_ca_file": str(ca_file),
+        }
+        token = _token(issuer)
+        async with _broker(_config(redis_url, simulator_url, kubernetes), ready=False) as broker:
+            assert (await broker.get(TOKEN_PATH, headers=_bearer(token))).status_code == 401
+            check = await _keys_check(broker)
+            assert check["ok"] is False
+            assert "unreachable" in check["detail"]
+            assert issuer.fetches() == 0  # the untrusted server was never asked a thing
+
+            ca_file.write_bytes(cluster_ca.read_bytes())
+
+            async def keys_obtained() -> bool:
+                return (await _keys_check(broker))["ok"] is True
+
+            # The broker tries again every RETRY_SECONDS (10 s, jittered by 10 %).
+            await eventually(keys_obtained, within=20)
+            assert (await broker.get(TOKEN_PATH, headers=_bearer(token))).status_code == 200
+
+
+@contextmanager
+def _started_tls(tls: Any, *keys: SigningKey) -> Iterator[IssuerServer]:
+    server = IssuerServer(list(keys), tls=tls).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 async def test_caller_records_service_account_and_pod(issuer: IssuerServer) -> None:
