@@ -45,6 +45,9 @@ def check_fetch_url(url: str) -> str:
     if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname)):
         if parts.fragment:
             raise ValueError("must not have a fragment")
+        # It is shown in logs and readiness details; a credential goes in jwks_token_file.
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not hold a user or password (use jwks_token_file)")
         return url
     raise ValueError(_FETCH_URL)
 

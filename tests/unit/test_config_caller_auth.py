@@ -195,6 +195,16 @@ def test_jwks_url_must_be_https_unless_loopback(tmp_path: Path, url: str) -> Non
     ]
 
 
+def test_jwks_url_must_not_hold_a_password(tmp_path: Path) -> None:
+    """The URL shows in logs and readiness: a credential belongs in jwks_token_file."""
+    data = config(kubernetes(jwks_url="https://reader:s3cret@kubernetes.default.svc/jwks"))
+    [problem] = report(tmp_path, data)
+    assert problem == (
+        "caller_auth.kubernetes.jwks_url: must not hold a user or password (use "
+        "jwks_token_file) (from config.yaml line 12)"
+    )
+
+
 @pytest.mark.parametrize("url", ["http://localhost:8080/jwks", "http://[::1]:8080/jwks"])
 def test_http_jwks_url_on_loopback_is_accepted(tmp_path: Path, url: str) -> None:
     """`localhost` and IPv6 loopback count as loopback."""
