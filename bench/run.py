@@ -2,9 +2,10 @@
 
 Starts its own redis-server (free port), the Monogoto simulator, the broker (`monogoto-broker
 serve --workers 1`), a bare Litestar app and a broker without its local cache, all under the same
-server with one worker, and drives them alternately with `wrk`. Then measures the RSS of that
-replica (100 accounts), how fast three replicas converge after an invalidation, and how many
-upstream calls each account costs per refresh cycle.
+server with one worker, and drives them alternately with `wrk`; the broker once with its caller
+key and once with a Kubernetes ServiceAccount token (the issuer's keys served from this process).
+Then measures the RSS of that replica (100 accounts), how fast three replicas converge after an
+invalidation, and how many upstream calls each account costs per refresh cycle.
 
     .venv/bin/python bench/run.py [--rounds 3] [--seconds 10] [--connections 32]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import re
 import shutil
@@ -41,6 +43,7 @@ from service.config import load_settings  # noqa: E402
 from service.keys import new_api_key, new_encryption_key  # noqa: E402
 from service.simulator.client import SimulatorControl  # noqa: E402
 from service.simulator.process import SimulatorProcess, terminate  # noqa: E402
+from tests.service_account_issuer import AUDIENCE, IssuerServer, SigningKey, claims, sign  # noqa: E402
 
 ACCOUNTS = 100
 BENCH_ACCOUNT = "acct-000"
@@ -54,6 +57,10 @@ CYCLE_FRACTION = 0.75  # refresh.fraction: a token is renewed after 75 % of its 
 _BENCH_LINE = re.compile(r"BENCH (.*)")
 CALLER_KEY, CALLER_DIGEST = new_api_key()
 CALLER_HEADERS = {"Authorization": f"Bearer {CALLER_KEY}"}
+# The ServiceAccount variant: a caller known by its ServiceAccount, with a projected token.
+SERVICE_ACCOUNT = ("bench", "bench-caller")
+API_KEY_TARGET = "broker (uvicorn)"
+SERVICE_ACCOUNT_TARGET = "sa-token (uvicorn)"
 
 
 def free_port() -> int:
@@ -76,6 +83,7 @@ class Server:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    credential: str = CALLER_KEY  # what wrk sends as the bearer
 
     @property
     def url(self) -> str:
@@ -159,7 +167,8 @@ def redis_server(directory: Path) -> Iterator[str]:
 def write_config(
     directory: Path, name: str, redis_url: str, simulator_url: str, **extra: Any
 ) -> Path:
-    """A broker config with ACCOUNTS accounts (dialects alternate) and one caller for all."""
+    """A broker config with ACCOUNTS accounts (dialects alternate) and one caller for all (and,
+    with `caller_auth` in `extra`, a second known by its ServiceAccount)."""
     accounts = {
         f"acct-{i:03d}": {
             "username": f"user{i:03d}@bench.example",
@@ -181,6 +190,11 @@ def write_config(
         "callers": {"bench": {"api_key_sha256": CALLER_DIGEST, "accounts": ["*"]}},
         **extra,
     }
+    if "caller_auth" in extra:
+        config["callers"]["bench-sa"] = {
+            "service_accounts": ["/".join(SERVICE_ACCOUNT)],
+            "accounts": ["*"],
+        }
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
@@ -197,11 +211,12 @@ class Run:
     cpu_us: float = 0.0  # server CPU time (user + system) per request
 
 
-def drive(url: str, seconds: int, connections: int) -> Run:
-    """wrk with one thread on the client core against the token route of `url`."""
+def drive(url: str, seconds: int, connections: int, credential: str = CALLER_KEY) -> Run:
+    """wrk with one thread on the client core against the token route of `url`, sending
+    `credential` as the bearer."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     command += ["-s", str(ROOT / "bench" / "token.lua"), f"{url}/v1/accounts/{BENCH_ACCOUNT}/token"]
-    env = os.environ | {"BENCH_CALLER_KEY": CALLER_KEY}
+    env = os.environ | {"BENCH_CALLER_KEY": credential}
     output = subprocess.run(  # noqa: S603
         pinned(CLIENT_CPU, command), capture_output=True, text=True, env=env, check=True
     ).stdout
@@ -263,12 +278,12 @@ def launch_command(server: str, factory: str, port: int) -> list[str]:
 def throughput(args: argparse.Namespace, targets: dict[str, Server]) -> dict[str, Run]:
     """Alternating wrk rounds over every target; per-target medians."""
     for server in targets.values():
-        drive(server.url, 2, args.connections)  # warm-up
+        drive(server.url, 2, args.connections, server.credential)  # warm-up
     runs: dict[str, list[Run]] = {name: [] for name in targets}
     for round_number in range(1, args.rounds + 1):
         for name, server in targets.items():
             cpu = server.cpu_seconds()
-            run = drive(server.url, args.seconds, args.connections)
+            run = drive(server.url, args.seconds, args.connections, server.credential)
             run.cpu_us = (server.cpu_seconds() - cpu) / (run.rps * args.seconds) * 1e6
             runs[name].append(run)
             print(
@@ -407,7 +422,15 @@ def run(args: argparse.Namespace, directory: Path, stack: ExitStack) -> int:
     stack.callback(simulator.stop)
     os.sched_setaffinity(simulator.process.pid, {int(CLIENT_CPU)})
     control = stack.enter_context(SimulatorControl(simulator.url))
-    config = write_config(directory, "broker", redis_url, simulator.url)
+    signing_key = SigningKey.rsa("bench-rsa")
+    issuer = IssuerServer([signing_key]).start()
+    stack.callback(issuer.stop)
+    kubernetes = {"issuer": issuer.url, "audiences": [AUDIENCE], "jwks_url": issuer.jwks_url}
+    config = write_config(
+        directory, "broker", redis_url, simulator.url, caller_auth={"kubernetes": kubernetes}
+    )
+    # Valid for the whole run; the broker verifies it once and then takes it from its cache.
+    service_account_token = sign(signing_key, claims(issuer.url, *SERVICE_ACCOUNT, lifetime=7200))
 
     def stopping(server: Server) -> Server:
         stack.callback(server.stop)
@@ -428,7 +451,12 @@ def run(args: argparse.Namespace, directory: Path, stack: ExitStack) -> int:
     others = variants(servers, directory, env, stopping)
     for server in others.values():
         server.wait(f"/v1/accounts/{BENCH_ACCOUNT}/token")
-    targets = {"broker (uvicorn)": broker, **others}
+    targets = {
+        API_KEY_TARGET: broker,
+        # The same process, driven with the ServiceAccount token instead of the key.
+        SERVICE_ACCOUNT_TARGET: dataclasses.replace(broker, credential=service_account_token),
+        **others,
+    }
     print(
         f"\nthroughput: GET /v1/accounts/{BENCH_ACCOUNT}/token, {body_bytes}-byte body, "
         f"wrk -t1 -c{args.connections} -d{args.seconds}s, {args.rounds} alternating rounds",
@@ -457,12 +485,19 @@ def run(args: argparse.Namespace, directory: Path, stack: ExitStack) -> int:
         f"throughput {ours.rps / floor.rps:5.2f} x, "
         f"CPU per request {ours.cpu_us / floor.cpu_us:5.2f} x"
     )
+    key, token = medians[API_KEY_TARGET], medians[SERVICE_ACCOUNT_TARGET]
+    print(
+        "  broker with a ServiceAccount token against the caller key: "
+        f"throughput {token.rps / key.rps:5.2f} x, "
+        f"CPU per request {token.cpu_us / key.cpu_us:5.2f} x "
+        f"({token.cpu_us - key.cpu_us:+.0f} us/req)"
+    )
     if "granian" in servers:
         best = medians["bare (granian)"].rps / medians["bare (uvicorn)"].rps
         full = medians["broker (granian)"].rps / medians["broker (uvicorn)"].rps
         print(f"  granian / uvicorn: bare {best:5.2f} x, broker {full:5.2f} x")
-    for name, server in targets.items():
-        if name != "broker (uvicorn)":
+    for server in targets.values():
+        if server.process is not broker.process:
             server.stop()
     print(f"\nRSS of one replica serving {ACCOUNTS} accounts: {broker.rss_bytes() / 2**20:.1f} MiB")
     if args.skip_fleet:

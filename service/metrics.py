@@ -44,8 +44,14 @@ LOCK_WAIT = Histogram(
 )
 CALLER_AUTH_FAILURES = Counter(
     PREFIX + "caller_auth_failures_total",
-    "Rejected caller requests by reason (missing, unknown, forbidden).",
+    "Rejected caller requests by reason (missing, unknown, forbidden, invalid_token, "
+    "keys_unavailable).",
     ["reason"],
+)
+JWKS_FETCHES = Counter(
+    PREFIX + "jwks_fetches_total",
+    "Fetches of the service-account issuer's signing keys (JWKS), by result (ok, error).",
+    ["result"],
 )
 CREDENTIALS_REJECTED = Gauge(
     PREFIX + "credentials_rejected",

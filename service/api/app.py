@@ -29,7 +29,8 @@ _SECURITY_SCHEME = "callerKey"
 _DESCRIPTION = """\
 Hands out valid Monogoto access tokens to authenticated internal callers.
 
-Callers authenticate with `Authorization: Bearer <caller key>`. Errors are RFC 9457
+Callers authenticate with `Authorization: Bearer <caller key>`, or on Kubernetes with
+`Authorization: Bearer <ServiceAccount token>` when the broker accepts them. Errors are RFC 9457
 `application/problem+json` with a stable `code`: `invalid_request` (400, 413), `unauthenticated`
 (401), `forbidden` (403, also for accounts that do not exist), `upstream_unavailable` and
 `credentials_rejected` (503, with `Retry-After`), `not_found`, `method_not_allowed` and
@@ -52,7 +53,8 @@ def _openapi_config() -> OpenAPIConfig:
                 _SECURITY_SCHEME: SecurityScheme(
                     type="http",
                     scheme="bearer",
-                    description="A caller key (`monogoto-broker new-api-key`).",
+                    description="A caller key (`monogoto-broker new-api-key`) or a "
+                    "projected Kubernetes ServiceAccount token.",
                 )
             }
         ),
@@ -65,17 +67,23 @@ def create_app(settings: Settings) -> Litestar:
     HTTP requests are counted and timed by route template (`/v1/accounts/{account}/token`,
     never the raw path) around the whole app (`MeteredLitestar`).
     """
-    callers = CallerDirectory(settings.callers, frozenset(settings.accounts))
+    callers = CallerDirectory(
+        settings.callers, frozenset(settings.accounts), settings.caller_auth.kubernetes
+    )
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        runtime = await BrokerRuntime.start(settings)
-        app.state[RUNTIME_STATE_KEY] = runtime
+        callers.start()
         try:
-            yield
+            runtime = await BrokerRuntime.start(settings)
+            app.state[RUNTIME_STATE_KEY] = runtime
+            try:
+                yield
+            finally:
+                del app.state[RUNTIME_STATE_KEY]
+                await runtime.stop()
         finally:
-            del app.state[RUNTIME_STATE_KEY]
-            await runtime.stop()
+            await callers.stop()
 
     # With metrics_port, `serve` exposes the metrics there, keeping them off the callers' port.
     metrics = [] if settings.metrics_port is not None else [MetricsController]

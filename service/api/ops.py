@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from litestar import Controller, Response, get
+from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.plugins.prometheus import PrometheusController
 
 from service.api.schemas import CheckBody, HealthBody, ReadinessBody, StoreTopologyBody
+from service.api.security import CALLERS_STATE_KEY, CallerDirectory
 from service.broker.runtime import BrokerRuntime
 
 
@@ -22,9 +24,16 @@ class OpsController(Controller):
         return HealthBody(status="ok")
 
     @get("/readyz", operation_id="readyz")
-    async def readyz(self, runtime: NamedDependency[BrokerRuntime]) -> Response[ReadinessBody]:
+    async def readyz(
+        self, runtime: NamedDependency[BrokerRuntime], state: State
+    ) -> Response[ReadinessBody]:
         """200 when this process can serve tokens, else 503; the body lists every check."""
         checks = [CheckBody(c.name, c.ok, c.detail) for c in await runtime.readiness()]
+        callers: CallerDirectory = state[CALLERS_STATE_KEY]
+        if callers.service_accounts is not None:
+            # Fail closed: without the issuer's keys no ServiceAccount caller can be served.
+            ok, detail = callers.service_accounts.keys.status()
+            checks.append(CheckBody("service_account_keys", ok, detail))
         ready = all(check.ok for check in checks)
         survey = runtime.store_survey
         store = None

@@ -36,7 +36,8 @@ _CODES_BY_STATUS = {
 }
 _DESCRIPTIONS = {
     400: "`invalid_request`: bad `min_ttl` (or one at least the token lifetime) or malformed body.",
-    401: "`unauthenticated`: missing or unknown caller key (`WWW-Authenticate: Bearer`).",
+    401: "`unauthenticated`: missing or unknown caller key, or an invalid ServiceAccount token "
+    "or one of no caller (`WWW-Authenticate: Bearer`).",
     403: "`forbidden`: the caller may not use this account, or it does not exist.",
     413: f"`invalid_request`: a body over {MAX_BODY_BYTES // 1024} KiB.",
     429: "`renewal_rate_limited`: this caller already forced a renewal of this account in the "

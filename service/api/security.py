@@ -1,13 +1,15 @@
-"""Caller authentication (`Authorization: Bearer <caller key>`, or a client certificate) and
-per-account permission.
+"""Caller authentication (`Authorization: Bearer <caller key>` or `Bearer <ServiceAccount
+token>`, or a client certificate) and per-account permission.
 
 The caller table is built once at start-up, keyed by the SHA-256 of each caller's key (a caller
 has several while its key is rotated, each an entry of its own): a request costs one hash, one
-dict lookup and one constant-time comparison. A request without an `Authorization` header is
-identified by its client certificate's subject, if the connection has a verified one (mTLS:
-`service/serving.py` puts it in the scope as the ASGI "tls" extension). A caller that may not
-use an account and an account that does not exist get the same 403, so callers cannot enumerate
-the configured accounts.
+dict lookup and one constant-time comparison. A credential that is no known key but has the
+shape of a JWT is verified as a ServiceAccount token (service/api/service_accounts.py) when
+`caller_auth.kubernetes` is configured, the same hash being the key of the verified tokens.
+A request without an `Authorization` header is identified by its client certificate's subject,
+if the connection has a verified one (mTLS: `service/serving.py` puts it in the scope as the
+ASGI "tls" extension). A caller that may not use an account and an account that does not exist
+get the same 403, so callers cannot enumerate the configured accounts.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any, NoReturn
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from service.config import CallerSettings
+from service.api.service_accounts import ServiceAccountVerifier, TokenRejectedError, looks_like_jwt
+from service.config import CallerSettings, KubernetesAuthSettings
 from service.keys import api_key_digest
 from service.metrics import CALLER_AUTH_FAILURES, TOKEN_REQUESTS
 
@@ -67,13 +70,21 @@ class Caller:
 
 
 class CallerDirectory:
-    """Every configured caller, found by the digest of the key it presents or by the subject
-    of its client certificate."""
+    """Every configured caller, found by the digest of the key it presents, by the subject of
+    its client certificate, or, when `kubernetes` names a cluster, by the ServiceAccount its
+    token from that cluster proves."""
 
-    def __init__(self, callers: Mapping[str, CallerSettings], accounts: frozenset[str]) -> None:
+    def __init__(
+        self,
+        callers: Mapping[str, CallerSettings],
+        accounts: frozenset[str],
+        kubernetes: KubernetesAuthSettings | None = None,
+    ) -> None:
         self.accounts = accounts
         self._by_digest: dict[str, Caller] = {}
         self._by_subject: dict[str, Caller] = {}
+        # namespace/name -> the caller's name and the accounts it may use
+        self._by_service_account: dict[str, tuple[str, frozenset[str]]] = {}
         for name, settings in callers.items():
             allowed = frozenset(account for account in accounts if settings.allows(account))
             # Every digest of a caller (several while its key is rotated) finds that caller.
@@ -86,11 +97,26 @@ class CallerDirectory:
                     credential=subject,
                     method=AuthMethod.CLIENT_CERTIFICATE,
                 )
+            for service_account in settings.service_accounts or ():
+                self._by_service_account[service_account] = (name, allowed)
+        self.service_accounts = None if kubernetes is None else ServiceAccountVerifier(kubernetes)
 
-    def authenticate(self, authorization: str | None, client_subject: str | None = None) -> Caller:
-        """The caller whose key the `Authorization` header carries or, without that header, the
-        caller with the verified client certificate's subject `client_subject` (RFC 4514);
-        raises UnauthenticatedError."""
+    def start(self) -> None:
+        """Start fetching the keys ServiceAccount tokens are checked against, if configured."""
+        if self.service_accounts is not None:
+            self.service_accounts.keys.start()
+
+    async def stop(self) -> None:
+        """Stop what `start` started."""
+        if self.service_accounts is not None:
+            await self.service_accounts.keys.stop()
+
+    async def authenticate(
+        self, authorization: str | None, client_subject: str | None = None
+    ) -> Caller:
+        """The caller whose key or ServiceAccount token the `Authorization` header carries or,
+        without that header, the caller with the verified client certificate's subject
+        `client_subject` (RFC 4514); raises UnauthenticatedError."""
         if authorization is None and client_subject is not None:
             caller = self._by_subject.get(client_subject)
             if caller is None:
@@ -104,8 +130,32 @@ class CallerDirectory:
         # Looking up a SHA-256 digest reveals nothing usable about the key; the final
         # comparison is constant-time all the same.
         if caller is None or not hmac.compare_digest(digest, caller.credential):
+            if self.service_accounts is not None and looks_like_jwt(key):
+                return await self._service_account_caller(self.service_accounts, key, digest)
             _refuse("unknown")
         return caller
+
+    async def _service_account_caller(
+        self, verifier: ServiceAccountVerifier, token: str, digest: str
+    ) -> Caller:
+        try:
+            identity = await verifier.verify(token, digest)
+        except TokenRejectedError as error:
+            metric = "keys_unavailable" if error.reason == "keys_unavailable" else "invalid_token"
+            _refuse(metric, detail=error.reason)
+        found = self._by_service_account.get(identity.service_account)
+        if found is None:
+            # A genuine token of a ServiceAccount no caller has is an unknown credential.
+            namespace, _, account = identity.service_account.partition("/")
+            _refuse("unknown", namespace=namespace, serviceaccount=account)
+        name, allowed = found
+        return Caller(
+            name=name,
+            accounts=allowed,
+            credential=identity.service_account,
+            method=AuthMethod.SERVICE_ACCOUNT,
+            pod=identity.pod,
+        )
 
 
 def _bearer_key(authorization: str | None) -> str | None:
@@ -118,9 +168,14 @@ def _bearer_key(authorization: str | None) -> str | None:
     return key
 
 
-def _refuse(reason: str) -> NoReturn:
+def _refuse(reason: str, **context: str) -> NoReturn:
+    """Count and log a refused credential (`context`: what is known of it, never the
+    credential itself), then raise UnauthenticatedError."""
     CALLER_AUTH_FAILURES.labels(reason).inc()
-    log.warning("caller authentication failed", extra={"event": "caller.refused", "reason": reason})
+    log.warning(
+        "caller authentication failed",
+        extra={"event": "caller.refused", "reason": reason, **context},
+    )
     raise UnauthenticatedError(reason)
 
 
@@ -140,10 +195,10 @@ def _client_subject(connection: ASGIConnection[Any, Any, Any, Any]) -> str | Non
     return tls.get("client_cert_name") if tls else None
 
 
-def _identify(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
+async def _identify(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
     callers: CallerDirectory = connection.app.state[CALLERS_STATE_KEY]
     authorization = _authorization(connection)
-    caller = callers.authenticate(
+    caller = await callers.authenticate(
         authorization, _client_subject(connection) if authorization is None else None
     )
     connection.scope["user"] = caller
@@ -160,13 +215,13 @@ async def requires_caller(
     inside the route, where the HTTP metrics see its real status. Guards are coroutines:
     Litestar runs a plain-function guard in a worker thread.
     """
-    _identify(connection)
+    await _identify(connection)
 
 
-def authorise(connection: ASGIConnection[Any, Any, Any, Any], account: str) -> Caller:
+async def authorise(connection: ASGIConnection[Any, Any, Any, Any], account: str) -> Caller:
     """Identify the caller (else UnauthenticatedError, a 401), then require that it may use the
     configured `account` (else ForbiddenError, a 403); the caller."""
-    caller = _identify(connection)
+    caller = await _identify(connection)
     if account in caller.accounts:
         return caller
     CALLER_AUTH_FAILURES.labels("forbidden").inc()
@@ -195,4 +250,4 @@ async def requires_account_access(
     One guard for both checks: Litestar copies the route handler for every guard it runs, on
     every request (GET token skips guards altogether and calls `authorise` itself).
     """
-    authorise(connection, connection.path_params["account"])
+    await authorise(connection, connection.path_params["account"])

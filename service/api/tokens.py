@@ -260,7 +260,7 @@ class TokenController(Controller):
         # The hottest route takes no parameters and runs no guard: Litestar would copy the
         # route handler for the guard and validate a signature model on every request.
         account: str = request.path_params["account"]
-        caller = authorise(request, account)
+        caller = await authorise(request, account)
         min_ttl = _min_ttl(request.scope["query_string"])
         return await _serve(
             request,

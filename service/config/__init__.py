@@ -6,6 +6,7 @@ problem (`path.to.field: what is wrong`) for an operator, never a secret nor a s
 problem (the file's line or the environment variable).
 """
 
+from service.config.caller_auth import CallerAuthSettings, KubernetesAuthSettings
 from service.config.fields import BaseUrl, Name
 from service.config.loading import (
     CONFIG_ENV,
@@ -41,10 +42,12 @@ __all__ = [
     "AccountSettings",
     "AuthRate",
     "BaseUrl",
+    "CallerAuthSettings",
     "CallerSettings",
     "ConfigCheck",
     "ConfigError",
     "Dialect",
+    "KubernetesAuthSettings",
     "Name",
     "Problem",
     "RefreshSettings",

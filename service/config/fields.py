@@ -20,6 +20,10 @@ from pydantic import (
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+# Kubernetes names: a namespace is a DNS label, a ServiceAccount a DNS subdomain (labels
+# joined by dots, 253 characters at most).
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_MAX_DNS_SUBDOMAIN = 253
 
 Loc: TypeAlias = tuple[str | int, ...]
 Problems: TypeAlias = list[tuple[Loc, str]]
@@ -53,7 +57,22 @@ def _check_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _check_service_account(name: str) -> str:
+    namespace, _, account = name.partition("/")
+    if not (
+        _DNS_LABEL.fullmatch(namespace)
+        and len(account) <= _MAX_DNS_SUBDOMAIN
+        and all(_DNS_LABEL.fullmatch(label) for label in account.split("."))
+    ):
+        raise ValueError(
+            "must be 'namespace/name' of a Kubernetes ServiceAccount (lowercase a-z, 0-9, '-'; "
+            "the name may also hold '.')"
+        )
+    return name
+
+
 Name = Annotated[str, AfterValidator(_check_name)]
+ServiceAccountName = Annotated[str, AfterValidator(_check_service_account)]
 BaseUrl = Annotated[str, AfterValidator(_check_base_url)]
 KeyPrefix = Annotated[str, AfterValidator(_check_key_prefix)]
 
@@ -151,7 +170,9 @@ def check_fields(
     return validated
 
 
-def _read_file(path: Path) -> str:
+def read_file(path: Path) -> str:
+    """The text of `path` without its trailing newline; ValueError naming the path if it cannot
+    be read, is not UTF-8 or is empty."""
     try:
         text = path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as error:
@@ -174,7 +195,7 @@ def read_secret(
         if path is not None:
             if value is not None and name in model.model_fields_set:
                 raise ValueError(f"set either {name} or {name}_file, not both")
-            return _read_file(path)
+            return read_file(path)
         if value is None:
             if required:
                 raise ValueError(f"required (set {name} or {name}_file)")

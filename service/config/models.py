@@ -24,6 +24,7 @@ from service.config.fields import (
     BaseUrl,
     Loc,
     Problems,
+    ServiceAccountName,
     check_fields,
     raise_problems,
     read_secret,
@@ -34,7 +35,7 @@ from service.tls import TlsFileError, canonical_subject, check_client_ca, check_
 ALL_ACCOUNTS = "*"
 DIGEST_FIELDS = ("api_key_sha256", "api_key_sha256_file")
 # Every kind of credential a caller may be configured with; a caller needs at least one.
-CREDENTIAL_FIELDS = (*DIGEST_FIELDS, "client_subjects")
+CREDENTIAL_FIELDS = (*DIGEST_FIELDS, "client_subjects", "service_accounts")
 _NO_CREDENTIAL = f"required (set {', '.join(CREDENTIAL_FIELDS[:-1])} or {CREDENTIAL_FIELDS[-1]})"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _BAD_DIGEST = "must be 'sha256:' and 64 hex digits (see new-api-key)"
@@ -183,8 +184,9 @@ ClientSubject = Annotated[str, AfterValidator(canonical_subject)]
 
 
 class CallerSettings(_Section):
-    """An internal service allowed to fetch tokens, identified by the digest of its key or by
-    the subject of its client certificate (with `tls.client_ca_file`), or both.
+    """An internal service allowed to fetch tokens, identified by the digest of its key, by
+    the subject of its client certificate (with `tls.client_ca_file`), by its Kubernetes
+    ServiceAccounts (`namespace/name`), or by several of these.
 
     A caller may have several key digests, so that its key can be rotated without downtime:
     the new digest is added next to the old one, the caller moves to the new key, and the old
@@ -195,6 +197,7 @@ class CallerSettings(_Section):
     api_key_sha256_file: Path | None = None
     # RFC 4514 subjects, spelt canonically (`CN=fleet-ingest,O=telemetry`).
     client_subjects: list[ClientSubject] | None = None
+    service_accounts: list[ServiceAccountName] | None = None
     accounts: list[str]
     # Lowercase hex digests, in the configured order (none for a caller without keys); filled
     # in by `_read_digests`.
@@ -218,6 +221,23 @@ class CallerSettings(_Section):
             raise ValueError("must be a digest or a list of digests")
         return value
 
+    @field_validator("service_accounts")
+    @classmethod
+    def _distinct_service_accounts(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        if not names:
+            raise ValueError("list at least one 'namespace/name', or leave service_accounts out")
+        problems: list[tuple[Loc, str]] = []
+        first: dict[str, int] = {}
+        for index, name in enumerate(names):
+            if first.setdefault(name, index) != index:
+                problems.append(
+                    ((index,), f"same service account as service_accounts[{first[name]}]")
+                )
+        raise_problems(problems)
+        return names
+
     @field_validator("accounts")
     @classmethod
     def _not_empty(cls, accounts: list[str]) -> list[str]:
@@ -239,11 +259,12 @@ class CallerSettings(_Section):
 
     def _has_other_credentials(self) -> bool:
         """Whether the caller has a credential besides keys (keys are then optional)."""
-        return bool(self.client_subjects)
+        return bool(self.client_subjects or self.service_accounts)
 
     def read_digests(self) -> Problems:
         """Read and check this caller's digests (inline or from its file) and keep them for
-        `key_digests`; the problems found, by location below the caller."""
+        `key_digests`; the problems found, by location below the caller. A caller with client
+        subjects or service accounts needs no digest."""
         problems: Problems = []
         digests: list[str] = []
         sources: list[tuple[Loc, str]] = []

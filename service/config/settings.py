@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.config.caller_auth import CallerAuthSettings
 from service.config.fields import (
     KeyPrefix,
     Loc,
@@ -68,6 +69,7 @@ class Settings(BaseSettings):
     tls: TlsSettings | None = None
     # Serve /metrics on this port (plain HTTP) instead of the API's port.
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    caller_auth: CallerAuthSettings = Field(default_factory=CallerAuthSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -117,6 +119,7 @@ class Settings(BaseSettings):
             tls = data.get("tls")
             has_client_ca = isinstance(tls, Mapping) and tls.get("client_ca_file") is not None
             problems += _subject_problems(has_client_ca, _subjects_in(data, errors))
+            problems += _service_account_problems(*_service_accounts_in(cls, data, errors))
             shared = valid_part(cls, data, errors, _SHARED_SECRETS)
             if shared is not None:
                 problems += shared._read_shared_secrets()
@@ -127,6 +130,10 @@ class Settings(BaseSettings):
         subjects = {name: caller.client_subjects for name, caller in settings.callers.items()}
         has_client_ca = settings.tls is not None and settings.tls.client_ca_file is not None
         problems += _subject_problems(has_client_ca, subjects)
+        problems += _service_account_problems(
+            settings.caller_auth.kubernetes is not None,
+            {name: caller.service_accounts for name, caller in settings.callers.items()},
+        )
         problems += settings._read_shared_secrets()
         raise_problems(problems)
         return settings
@@ -276,4 +283,48 @@ def _subject_problems(has_client_ca: bool, callers: Mapping[str, list[str] | Non
                     "needs tls.client_ca_file (the CA that client certificates must chain to)",
                 )
             )
+    return problems
+
+
+def _service_accounts_in(
+    cls: type[Settings], data: Mapping[str, Any], errors: list[ErrorDetails]
+) -> tuple[bool | None, dict[str, list[str] | None]]:
+    """Whether `caller_auth.kubernetes` is set (None if `caller_auth` is invalid) and each
+    caller's service accounts (None where invalid), from raw `data` that failed validation."""
+    auth = valid_part(cls, data, errors, ("caller_auth",))
+    kubernetes = None if auth is None else auth.caller_auth.kubernetes is not None
+    callers: dict[str, list[str] | None] = {}
+    raw = data.get("callers")
+    for name, entry in raw.items() if isinstance(raw, Mapping) else ():
+        below = errors_below(errors, "callers", name)
+        part = valid_part(CallerSettings, entry, below, ("service_accounts",))
+        callers[str(name)] = None if part is None else part.service_accounts
+    return kubernetes, callers
+
+
+def _service_account_problems(
+    kubernetes: bool | None, callers: Mapping[str, list[str] | None]
+) -> Problems:
+    """Service accounts without `caller_auth.kubernetes` to check their tokens (unless that is
+    unknown), and service accounts of two callers."""
+    problems: Problems = []
+    owners: dict[str, str] = {}
+    for name, accounts in callers.items():
+        if accounts and kubernetes is False:
+            problems.append(
+                (
+                    ("callers", name, "service_accounts"),
+                    "needs caller_auth.kubernetes (the issuer and audiences that ServiceAccount "
+                    "tokens are checked against)",
+                )
+            )
+        for index, account in enumerate(accounts or ()):
+            owner = owners.setdefault(account, name)
+            if owner != name:
+                problems.append(
+                    (
+                        ("callers", name, "service_accounts", index),
+                        f"same service account as caller '{owner}' (each caller needs its own)",
+                    )
+                )
     return problems

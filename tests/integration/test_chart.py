@@ -34,6 +34,7 @@ from service.helm_values import (
     CHART_DEFAULTS,
     CHART_OWNED,
     CHART_SECRETS,
+    KUBERNETES_DIR,
     SECRETS_DIR,
     TLS_DIR,
     chart_config,
@@ -349,6 +350,7 @@ def test_every_documented_field_can_be_set_through_config(tmp_path: Path) -> Non
         (secrets_dir / f"caller-{name}-api-key-sha256").write_text(new_api_key()[1])
     text = yaml.safe_dump(config).replace(SECRETS_DIR, str(secrets_dir))
     text = text.replace(TLS_DIR, str(write_stand_ins(tmp_path / "tls")))
+    text = text.replace(KUBERNETES_DIR, str(write_stand_ins(tmp_path / "kubernetes")))
     settings = build_settings(yaml.safe_load(text))
     for path, value in set_fields.items():
         node: Any = settings

@@ -534,8 +534,8 @@ def test_caller_needs_a_digest_and_accounts(tmp_path: Path) -> None:
     data = config(callers={"billing": {"accounts": []}, "ops": {"api_key_sha256": DIGEST}})
     assert problems(tmp_path, data) == [
         "callers.billing.accounts: list at least one account name, or '*' for all",
-        "callers.billing.api_key_sha256: required "
-        "(set api_key_sha256, api_key_sha256_file or client_subjects)",
+        "callers.billing.api_key_sha256: required (set api_key_sha256, api_key_sha256_file, "
+        "client_subjects or service_accounts)",
         "callers.ops.accounts: required",
     ]
 

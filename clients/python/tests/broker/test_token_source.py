@@ -245,8 +245,8 @@ def test_key_file_rotated_on_disk_is_used_for_the_next_request(
 def test_service_account_token_file_is_sent_as_a_bearer(
     stack: Stack, broker: Broker, tmp_path: Path
 ) -> None:
-    """A service-account token file works like a key file (here holding a caller key, as the
-    broker knows no service-account tokens yet), whitespace around it stripped."""
+    """A service-account token file works like a key file (here holding a caller key: the
+    broker's own tests cover real ServiceAccount tokens), whitespace around it stripped."""
     token_file = tmp_path / "token"
     token_file.write_text(f"  {stack.keys['main']}\n\n", encoding="utf-8")
     os.chmod(token_file, 0o400)
