@@ -120,6 +120,9 @@ CHART_OWNED: dict[tuple[str, ...], str] = {
     ("caller_auth", "kubernetes", "jwks_ca_file"): "kubernetesAuth.enabled",
     ("caller_auth", "kubernetes", "jwks_token_file"): "kubernetesAuth.enabled",
 }
+#: The `helm test` caller the chart adds (tests.enabled) and where its key digest is mounted.
+TEST_CALLER = "helm-test"
+TEST_CALLER_DIR = "/etc/monogoto-broker/test-caller"
 #: Where the chart mounts the TLS Secret and the broker's own ServiceAccount token with the
 #: cluster's CA (templates/_helpers.tpl), and the JWKS it reads by default.
 TLS_DIR = "/etc/monogoto-broker/tls"
@@ -140,6 +143,7 @@ CHART_DEFAULTS: dict[str, Any] = {
         "clientCertificates": False,
     },
     "kubernetesAuth": {"enabled": False},
+    "tests": {"enabled": True, "account": ""},
     "networkPolicy": {"enabled": False, "callers": []},
     "secrets": {
         "existingSecret": "",
@@ -333,6 +337,13 @@ def chart_config(values: Mapping[str, Any]) -> dict[str, Any]:
         for part in item.secret.path[:-1]:
             holder = holder.setdefault(item.name if part == "*" else part, {})
         holder[f"{item.secret.path[-1]}_file"] = f"{SECRETS_DIR}/{item.key}"
+    tests = _mapping(values.get("tests"))
+    accounts = sorted(_mapping(config.get("accounts")))
+    if tests.get("enabled") and accounts:
+        config.setdefault("callers", {})[TEST_CALLER] = {
+            "accounts": [tests.get("account") or accounts[0]],
+            "api_key_sha256_file": f"{TEST_CALLER_DIR}/api-key-sha256",
+        }
     tls = _mapping(values.get("tls"))
     if tls.get("enabled"):
         config["tls"] = {"cert_file": f"{TLS_DIR}/tls.crt", "key_file": f"{TLS_DIR}/tls.key"}
@@ -423,6 +434,17 @@ def chart_problems(values: Mapping[str, Any]) -> list[str]:
             for item in secret_items(values)
             if item.value is None
         ]
+    tests = _mapping(values.get("tests"))
+    if tests.get("enabled"):
+        config = _mapping(values.get("config"))
+        if TEST_CALLER in _mapping(config.get("callers")):
+            problems.append(
+                f"config.callers.{TEST_CALLER}: the name of the chart's helm test caller "
+                "(tests.enabled): choose another"
+            )
+        account, accounts = tests.get("account"), _mapping(config.get("accounts"))
+        if account and accounts and account not in accounts:
+            problems.append(f"tests.account: unknown account '{account}'")
     tls = _mapping(values.get("tls"))
     cert_manager = _mapping(tls.get("certManager"))
     if tls.get("enabled") and not (tls.get("existingSecret") or cert_manager.get("enabled")):
@@ -483,13 +505,7 @@ def check_helm_values(paths: Sequence[Path]) -> str:
             given = not existing and item.value is not None
             text = item.content() if given else item.secret.stand_in()
             (Path(directory) / item.key).write_text(text + "\n", encoding="utf-8")
-        text = json.dumps(config).replace(SECRETS_DIR, directory)
-        # The TLS Secret and the JWKS reader's token are the cluster's: stand-ins of the same
-        # shape (a certificate, its key, a CA, a token) take their place.
-        for mounted, stand_in in ((TLS_DIR, "tls"), (KUBERNETES_DIR, "kubernetes")):
-            if mounted in text:
-                text = text.replace(mounted, str(write_stand_ins(Path(directory) / stand_in)))
-        local = json.loads(text)
+        local = _with_local_files(config, Path(directory))
         try:
             with _environment(env):
                 settings = build_settings(local)
@@ -501,11 +517,46 @@ def check_helm_values(paths: Sequence[Path]) -> str:
             ]
     if problems or settings is None:
         raise ConfigError(list(dict.fromkeys(problems)))
-    accounts, callers = len(settings.accounts), len(settings.callers)
+    return _summary(paths, values, settings=settings, existing=existing, items=items, unseen=unseen)
+
+
+def _with_local_files(config: Mapping[str, Any], directory: Path) -> dict[str, Any]:
+    """`config` with the chart's mounts moved into `directory`: the Secret's files (already
+    written there), and stand-ins of the same shape for what only the cluster holds (the helm
+    test caller's digest, the TLS Secret's certificate, key and CA, the JWKS reader's token)."""
+    text = json.dumps(config).replace(SECRETS_DIR, str(directory))
+    if TEST_CALLER_DIR in text:
+        test_caller = directory / "test-caller"
+        test_caller.mkdir()
+        (test_caller / "api-key-sha256").write_text(new_api_key()[1], encoding="utf-8")
+        text = text.replace(TEST_CALLER_DIR, str(test_caller))
+    for mounted, stand_in in ((TLS_DIR, "tls"), (KUBERNETES_DIR, "kubernetes")):
+        if mounted in text:
+            text = text.replace(mounted, str(write_stand_ins(directory / stand_in)))
+    local: dict[str, Any] = json.loads(text)
+    return local
+
+
+def _summary(
+    paths: Sequence[Path],
+    values: Mapping[str, Any],
+    *,
+    settings: Settings,
+    existing: str | None,
+    items: Sequence[SecretItem],
+    unseen: Sequence[str],
+) -> str:
+    """check-config --helm-values's line for values that pass: what the broker gets, and what
+    the check had to take as present."""
+    test_caller = settings.callers.get(TEST_CALLER)
+    callers = len(settings.callers) - (test_caller is not None)
     summary = (
         f"{', '.join(str(path) for path in paths)}: OK as the chart would mount it "
-        f"({_count(accounts, 'account')}, {_count(callers, 'caller')})"
+        f"({_count(len(settings.accounts), 'account')}, {_count(callers, 'caller')}"
     )
+    if test_caller is not None:
+        summary += f"; helm test fetches a token of {test_caller.accounts[0]}"
+    summary += ")"
     if existing:
         keys = ", ".join(item.key for item in items)
         summary += f"; taken as present in Secret {existing}, not checked: {keys}"

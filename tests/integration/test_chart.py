@@ -36,6 +36,7 @@ from service.helm_values import (
     CHART_SECRETS,
     KUBERNETES_DIR,
     SECRETS_DIR,
+    TEST_CALLER_DIR,
     TLS_DIR,
     chart_config,
     chart_values,
@@ -46,7 +47,7 @@ from service.helm_values import (
     values_schema,
     write_stand_ins,
 )
-from service.keys import new_api_key, new_encryption_key
+from service.keys import api_key_digest, new_api_key, new_encryption_key
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "monogoto-broker"
@@ -351,6 +352,9 @@ def test_every_documented_field_can_be_set_through_config(tmp_path: Path) -> Non
     text = yaml.safe_dump(config).replace(SECRETS_DIR, str(secrets_dir))
     text = text.replace(TLS_DIR, str(write_stand_ins(tmp_path / "tls")))
     text = text.replace(KUBERNETES_DIR, str(write_stand_ins(tmp_path / "kubernetes")))
+    (tmp_path / "test-caller").mkdir()
+    (tmp_path / "test-caller" / "api-key-sha256").write_text(new_api_key()[1], encoding="utf-8")
+    text = text.replace(TEST_CALLER_DIR, str(tmp_path / "test-caller"))
     settings = build_settings(yaml.safe_load(text))
     for path, value in set_fields.items():
         node: Any = settings
@@ -410,7 +414,8 @@ def test_check_takes_an_existing_secrets_keys_as_present(tmp_path: Path) -> None
     }
     path = write_yaml(tmp_path / "values.yaml", values)
     assert check_helm_values([path]) == (
-        f"{path}: OK as the chart would mount it (1 account, 2 callers); taken as present in "
+        f"{path}: OK as the chart would mount it (1 account, 2 callers; helm test fetches a "
+        "token of fleet-eu); taken as present in "
         "Secret broker-secrets, not checked: redis-url, encryption-keys, "
         "account-fleet-eu-password, caller-billing-api-key-sha256, caller-ops-api-key-sha256"
     )
@@ -484,7 +489,8 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     """`monogoto-broker check-config --helm-values` exits 0 with a summary, 2 with problems."""
     assert main(["check-config", "--helm-values", str(MINIMAL)]) == 0
     assert capsys.readouterr().out == (
-        f"{MINIMAL}: OK as the chart would mount it (1 account, 1 caller)\n"
+        f"{MINIMAL}: OK as the chart would mount it (1 account, 1 caller; helm test fetches a "
+        "token of fleet)\n"
     )
     files = refused_files(tmp_path, "a network policy without callers")
     assert main(["check-config", *(f"--helm-values={path}" for path in files)]) == 2
@@ -535,13 +541,22 @@ def test_chart_config_map_is_what_the_check_builds(values: Path, tmp_path: Path)
     chart-made Secret's files the broker loads it."""
     result = helm_template(values)
     assert result.returncode == 0, result.stderr
-    objects = {d["kind"]: d for d in yaml.safe_load_all(result.stdout) if d}
-    rendered = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    documents = [d for d in yaml.safe_load_all(result.stdout) if d]
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    rendered = yaml.safe_load(objects["ConfigMap", "monogoto-broker"]["data"]["config.yaml"])
     assert rendered == chart_config(chart_values(read_yaml(values)))
-    if "Secret" in objects:
-        for key, value in objects["Secret"]["data"].items():
-            (tmp_path / key).write_bytes(base64.b64decode(value))
+    # The helm test caller's key and the digest the broker gets are a pair.
+    test_caller = objects["Secret", "monogoto-broker-test-caller"]["data"]
+    key, digest = (base64.b64decode(test_caller[k]).decode() for k in ("api-key", "api-key-sha256"))
+    assert digest == f"sha256:{api_key_digest(key)}"
+    if ("Secret", "monogoto-broker") in objects:
+        for name, value in objects["Secret", "monogoto-broker"]["data"].items():
+            (tmp_path / name).write_bytes(base64.b64decode(value))
+        (tmp_path / "api-key-sha256").write_text(digest, encoding="utf-8")
         text = yaml.safe_dump(rendered).replace(SECRETS_DIR, str(tmp_path))
+        text = text.replace(TEST_CALLER_DIR, str(tmp_path))
+        text = text.replace(TLS_DIR, str(write_stand_ins(tmp_path / "tls")))
+        text = text.replace(KUBERNETES_DIR, str(write_stand_ins(tmp_path / "kubernetes")))
         build_settings(yaml.safe_load(text))
 
 

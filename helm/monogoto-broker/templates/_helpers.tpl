@@ -118,6 +118,24 @@ Where the broker's own ServiceAccount token and the cluster's CA are mounted
 {{- end }}
 
 {{/*
+The `helm test` caller (tests.enabled): its name in the broker's config, where the broker finds
+its key digest, the Secret holding key and digest, and the account it fetches a token of.
+*/}}
+{{- define "monogoto-broker.testCallerName" -}}
+helm-test
+{{- end }}
+{{- define "monogoto-broker.testCallerDir" -}}
+/etc/monogoto-broker/test-caller
+{{- end }}
+{{- define "monogoto-broker.testCallerSecretName" -}}
+{{- printf "%s-test-caller" (include "monogoto-broker.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "monogoto-broker.testAccount" -}}
+{{- $accounts := keys (.Values.config.accounts | default dict) | sortAlpha }}
+{{- .Values.tests.account | default (first $accounts) }}
+{{- end }}
+
+{{/*
 The API port's scheme for probes and the test pod.
 */}}
 {{- define "monogoto-broker.scheme" -}}
@@ -155,6 +173,12 @@ mapping for `monogoto-broker check-config --helm-values`.
 {{- if include "monogoto-broker.callerHasKey" (list $.Values $name $caller) }}
 {{- $_ := set $caller "api_key_sha256_file" (printf "%s/caller-%s-api-key-sha256" $dir $name) }}
 {{- end }}
+{{- end }}
+{{- if and .Values.tests.enabled $config.accounts }}
+{{- $callers := get $config "callers" | default dict }}
+{{- $test := dict "accounts" (list (include "monogoto-broker.testAccount" .)) "api_key_sha256_file" (printf "%s/api-key-sha256" (include "monogoto-broker.testCallerDir" .)) }}
+{{- $_ := set $callers (include "monogoto-broker.testCallerName" .) $test }}
+{{- $_ := set $config "callers" $callers }}
 {{- end }}
 {{- if .Values.secrets.auditHmacKey }}
 {{- $audit := get $config "audit" | default dict }}
@@ -233,6 +257,15 @@ several replicas, a NetworkPolicy that no caller may pass.
 {{- end }}
 {{- with include "monogoto-broker.missingSecrets" . | trim }}
 {{- $problems = append $problems . }}
+{{- end }}
+{{- if .Values.tests.enabled }}
+{{- $testCaller := include "monogoto-broker.testCallerName" . }}
+{{- if hasKey (.Values.config.callers | default dict) $testCaller }}
+{{- $problems = append $problems (printf "- config.callers.%s: the name of the chart's helm test caller (tests.enabled): choose another" $testCaller) }}
+{{- end }}
+{{- if and .Values.tests.account $accounts (not (hasKey $accounts .Values.tests.account)) }}
+{{- $problems = append $problems (printf "- tests.account: unknown account '%s'" .Values.tests.account) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.tls.enabled (not (or .Values.tls.existingSecret .Values.tls.certManager.enabled)) }}
 {{- $problems = append $problems "- tls.existingSecret: required with tls.enabled (a kubernetes.io/tls Secret), or set tls.certManager.enabled" }}
