@@ -30,7 +30,7 @@ class Refresher:
 
     def __init__(self, broker: TokenBroker, refresh: RefreshSettings) -> None:
         self._broker = broker
-        self._refresh = refresh
+        self.refresh = refresh
 
     def next_refresh_in(self, account: str) -> float:
         """Seconds until this replica should try to renew `account`'s cached token."""
@@ -66,7 +66,7 @@ class Refresher:
                 await self._broker.refresh(account)
                 failures = 0
             except CredentialsRejectedError as error:
-                await asyncio.sleep(error.retry_after or self._refresh.rejected_backoff_seconds)
+                await asyncio.sleep(error.retry_after or self.refresh.rejected_backoff_seconds)
             except BrokerError as error:
                 failures += 1
                 await asyncio.sleep(self._retry_delay(failures, error.retry_after))

@@ -60,6 +60,22 @@ class Renewer:
         # that goes back in time forgets them along with the records that spent them.
         self._spent: dict[str, dict[str, float]] = {name: {} for name in accounts}
 
+    def apply(self, accounts: dict[str, Account], refresh: RefreshSettings) -> list[str]:
+        """Take a reloaded configuration (`states` already has an entry per account); the
+        accounts whose credentials changed."""
+        credentials = {
+            name: credentials_fingerprint(account.username, account.password)
+            for name, account in accounts.items()
+        }
+        changed = [
+            name
+            for name, fingerprint in credentials.items()
+            if name in self._credentials and self._credentials[name] != fingerprint
+        ]
+        self._spent = {name: self._spent.get(name, {}) for name in accounts}
+        self._accounts, self._refresh, self._credentials = accounts, refresh, credentials
+        return changed
+
     def trusted(self, account: str, record: TokenRecord) -> TokenRecord:
         """`record` without its refresh token if this process knows that token to be spent."""
         return (
