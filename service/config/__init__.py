@@ -6,6 +6,7 @@ problem (`path.to.field: what is wrong`) for an operator, never a secret nor a s
 problem (the file's line or the environment variable).
 """
 
+from service.config.changes import RESTART_SETTINGS, ConfigChange, compare, secret_files
 from service.config.fields import BaseUrl, Name
 from service.config.loading import (
     CONFIG_ENV,
@@ -37,11 +38,13 @@ __all__ = [
     "CONFIG_ENV",
     "DEFAULT_BASE_URLS",
     "ENV_PREFIX",
+    "RESTART_SETTINGS",
     "Account",
     "AccountSettings",
     "AuthRate",
     "BaseUrl",
     "CallerSettings",
+    "ConfigChange",
     "ConfigCheck",
     "ConfigError",
     "Dialect",
@@ -54,6 +57,8 @@ __all__ = [
     "UpstreamSettings",
     "build_settings",
     "check_config",
+    "compare",
     "config_path_from_env",
     "load_settings",
+    "secret_files",
 ]
