@@ -67,6 +67,12 @@ UNREPLICATED_NOTES = Counter(
     "Refresh tokens noted as spent that no store replica acknowledged in time (a login was "
     "made instead of the refresh).",
 )
+CONFIG_RELOADS = Counter(
+    PREFIX + "config_reload_total",
+    "Config reloads by result: applied, unchanged, invalid (not valid; the old config stays), "
+    "refused (changes settings that need a restart; the old config stays).",
+    ["result"],
+)
 
 # Labelled children of TOKEN_REQUESTS, looked up once: keys are configured names and a fixed
 # vocabulary, so the table stays as small as the label set itself.

@@ -1,0 +1,275 @@
+"""Live reload of the config (`service.reload`): the broker app on a real Redis and the
+simulator, its config file and secret files rewritten while it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+from prometheus_client import REGISTRY
+
+from service.api import create_app
+from service.config import ConfigError, load_settings
+from service.keys import new_api_key
+from service.simulator.client import SimulatorControl
+from tests.integration.conftest import ENCRYPTION_KEYS
+from tests.support import SecretVolume, eventually, free_port
+
+pytestmark = pytest.mark.usefixtures("simulator")
+
+ACCOUNT = "fleet-eu"
+USERNAME = "ops@example.com"
+# A reload is noticed within one poll (2 s) and applied at once.
+_RELOAD_SECONDS = 10.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn in the test's event loop, leaving the process's signal handlers alone."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Broker:
+    """The broker app served on a free port from `config`, with a client of it."""
+
+    def __init__(self, config: Path, http: httpx.AsyncClient) -> None:
+        self.config = config
+        self.http = http
+
+    async def token(self, key: str, account: str = ACCOUNT) -> httpx.Response:
+        """Ask for a token of `account` with caller key `key`."""
+        return await self.http.get(
+            f"/v1/accounts/{account}/token", headers={"Authorization": f"Bearer {key}"}
+        )
+
+    async def answers(self, key: str, account: str, status: int) -> None:
+        """Wait until a token request of `account` with `key` is answered `status`."""
+
+        async def check() -> bool:
+            return (await self.token(key, account)).status_code == status
+
+        await eventually(check, within=_RELOAD_SECONDS)
+
+
+@asynccontextmanager
+async def serving(config: Path) -> AsyncIterator[Broker]:
+    """The broker app for the config file `config`, reloading it live."""
+    app = create_app(load_settings(config), config=config)
+    port = free_port()
+    server = _Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    )
+    task = asyncio.create_task(server.serve())
+    await eventually(lambda: server.started or task.done())
+    assert server.started, "uvicorn did not start"
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            yield Broker(config, http)
+    finally:
+        server.should_exit = True
+        await task
+
+
+def config_of(redis_url: str, simulator_url: str, **changes: Any) -> dict[str, Any]:
+    """A legacy account on the simulator and a caller `billing`, with `changes` on top."""
+    return {
+        "redis_url": redis_url,
+        "key_prefix": f"reload-{os.getpid()}-{free_port()}",
+        "encryption_keys": ENCRYPTION_KEYS,
+        "upstream": {"base_url": simulator_url, "dialect": "legacy", "timeout_seconds": 5},
+        "accounts": {ACCOUNT: {"username": USERNAME, "password": "s3cret"}},
+        "callers": {},
+        **changes,
+    }
+
+
+def write(path: Path, config: dict[str, Any]) -> Path:
+    """Replace the file at `path` with `config` in one rename, as an editor or kubelet does."""
+    staged = path.with_suffix(".new")
+    staged.write_text(yaml.safe_dump(config), encoding="utf-8")
+    staged.replace(path)
+    return path
+
+
+def reloads(result: str) -> float:
+    """`config_reload_total{result}` of this process so far."""
+    value = REGISTRY.get_sample_value("monogoto_broker_config_reload_total", {"result": result})
+    return value or 0.0
+
+
+@pytest.fixture
+def sim(simulator: SimulatorControl) -> SimulatorControl:
+    """The simulator with its rate limit out of the way."""
+    simulator.set(rate_limit=1000)
+    return simulator
+
+
+def caller(digests: list[str], accounts: list[str] | None = None) -> dict[str, Any]:
+    """A caller's config with these key digests."""
+    return {"api_key_sha256": digests, "accounts": accounts or ["*"]}
+
+
+async def test_accounts_added_and_removed_are_served_and_refused(
+    sim: SimulatorControl, tmp_path: Path, redis_url: str
+) -> None:
+    """An account added to the config is served within one poll; a removed one gets 403 like
+    an account that never existed; the reload is counted as applied."""
+    key, digest = new_api_key()
+    base = config_of(redis_url, sim.base_url, callers={"billing": caller([digest])})
+    config = write(tmp_path / "config.yaml", base)
+    applied = reloads("applied")
+    async with serving(config) as broker:
+        assert (await broker.token(key)).status_code == 200
+        assert (await broker.token(key, "fleet-us")).status_code == 403
+        accounts = {
+            **base["accounts"],
+            "fleet-us": {"username": "demo@monogoto.example", "password": "demo-password"},
+        }
+        write(config, {**base, "accounts": accounts})
+        await broker.answers(key, "fleet-us", 200)
+        write(config, {**base, "accounts": {"fleet-us": accounts["fleet-us"]}})
+        await broker.answers(key, ACCOUNT, 403)
+        assert (await broker.token(key, "fleet-us")).status_code == 200
+    assert reloads("applied") == applied + 2
+
+
+async def test_caller_keys_added_and_removed(
+    sim: SimulatorControl, tmp_path: Path, redis_url: str
+) -> None:
+    """A key added next to a caller's key works, the removed one then gets 401, and a caller
+    added with its own key works; other callers are not affected."""
+    old_key, old_digest = new_api_key()
+    new_key, new_digest = new_api_key()
+    other_key, other_digest = new_api_key()
+    ops_key, ops_digest = new_api_key()
+    base = config_of(redis_url, sim.base_url)
+    callers = {"billing": caller([old_digest]), "other": caller([other_digest])}
+    config = write(tmp_path / "config.yaml", {**base, "callers": callers})
+    async with serving(config) as broker:
+        assert (await broker.token(new_key)).status_code == 401
+        callers["billing"] = caller([old_digest, new_digest])
+        write(config, {**base, "callers": callers})
+        await broker.answers(new_key, ACCOUNT, 200)
+        assert (await broker.token(old_key)).status_code == 200
+        callers["billing"] = caller([new_digest])
+        callers["ops"] = caller([ops_digest])
+        write(config, {**base, "callers": callers})
+        await broker.answers(old_key, ACCOUNT, 401)
+        assert (await broker.token(new_key)).status_code == 200
+        assert (await broker.token(ops_key)).status_code == 200
+        assert (await broker.token(other_key)).status_code == 200
+
+
+async def test_a_password_swapped_in_a_secret_volume_is_used_and_clears_the_rejection(
+    sim: SimulatorControl, tmp_path: Path, redis_url: str
+) -> None:
+    """A wrong password gets the account rejected; the right one, swapped in like a
+    Kubernetes Secret update (a symlink), is read within one poll and tried at once instead
+    of after the rejection's back-off."""
+    key, digest = new_api_key()
+    secrets = SecretVolume(tmp_path / "secrets")
+    secrets.write({"password": "not-the-password"})
+    account = {"username": USERNAME, "password_file": str(secrets.path("password"))}
+    config = write(
+        tmp_path / "config.yaml",
+        config_of(
+            redis_url,
+            sim.base_url,
+            accounts={ACCOUNT: account},
+            callers={"billing": caller([digest])},
+            refresh={"rejected_backoff_seconds": 600},
+        ),
+    )
+    async with serving(config) as broker:
+        refused = await broker.token(key)
+        assert refused.status_code == 503
+        assert refused.json()["code"] == "credentials_rejected"
+        secrets.write({"password": "s3cret"})
+        await broker.answers(key, ACCOUNT, 200)
+
+
+async def test_an_invalid_config_is_refused_and_the_old_one_serves(
+    sim: SimulatorControl, tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broken config is refused as a whole: one ERROR line per problem, the same as
+    `check-config`'s, counted as invalid; the old config keeps serving and /readyz stays."""
+    key, digest = new_api_key()
+    new_key, new_digest = new_api_key()
+    base = config_of(redis_url, sim.base_url, callers={"billing": caller([digest])})
+    config = write(tmp_path / "config.yaml", base)
+    invalid = reloads("invalid")
+    async with serving(config) as broker:
+        assert (await broker.token(key)).status_code == 200
+        broken = {
+            **base,
+            "refresh": {"fraction": 2},
+            "callers": {"billing": caller([new_digest], ["fleet-us"])},
+        }
+        with pytest.raises(ConfigError) as expected:
+            load_settings(write(tmp_path / "expected.yaml", broken))
+        caplog.set_level(logging.ERROR, logger="service.reload")
+        write(config, broken)
+        await eventually(lambda: reloads("invalid") == invalid + 1, within=_RELOAD_SECONDS)
+        assert (await broker.token(key)).status_code == 200
+        assert (await broker.token(new_key)).status_code == 401
+        assert (await broker.http.get("/readyz")).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    report = [line.replace("expected.yaml", "config.yaml") for line in expected.value.report]
+    assert lines == [f"config not reloaded: {line}" for line in report]
+    assert len(lines) == 2
+
+
+async def test_settings_that_need_a_restart_are_refused_by_name(
+    sim: SimulatorControl, tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A config changing the key prefix (and a caller) is refused as a whole, naming the key
+    prefix; the old config keeps serving; writing the old one back is no change."""
+    key, digest = new_api_key()
+    new_key, new_digest = new_api_key()
+    base = config_of(redis_url, sim.base_url, callers={"billing": caller([digest])})
+    config = write(tmp_path / "config.yaml", base)
+    refused, unchanged = reloads("refused"), reloads("unchanged")
+    async with serving(config) as broker:
+        caplog.set_level(logging.ERROR, logger="service.reload")
+        write(config, {**base, "key_prefix": "elsewhere", "callers": {"x": caller([new_digest])}})
+        await eventually(lambda: reloads("refused") == refused + 1, within=_RELOAD_SECONDS)
+        assert (await broker.token(key)).status_code == 200
+        assert (await broker.token(new_key)).status_code == 401
+        write(config, base)
+        await eventually(lambda: reloads("unchanged") == unchanged + 1, within=_RELOAD_SECONDS)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert lines == ["config not reloaded: key_prefix: cannot change without a restart"]
+
+
+async def test_sighup_reloads_a_change_the_poll_cannot_see(
+    sim: SimulatorControl, tmp_path: Path, redis_url: str
+) -> None:
+    """A file rewritten in place with its size and time kept looks unchanged to the poll;
+    SIGHUP reloads it all the same."""
+    old_key, old_digest = new_api_key()
+    new_key, new_digest = new_api_key()
+    base = config_of(redis_url, sim.base_url, callers={"billing": caller([old_digest])})
+    config = write(tmp_path / "config.yaml", base)
+    async with serving(config) as broker:
+        assert (await broker.token(old_key)).status_code == 200
+        stamp = config.stat()
+        with config.open("r+", encoding="utf-8") as file:
+            file.write(config.read_text(encoding="utf-8").replace(old_digest, new_digest))
+        os.utime(config, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        await asyncio.sleep(3)  # a poll or more: nothing happens without the signal
+        assert (await broker.token(old_key)).status_code == 200
+        os.kill(os.getpid(), signal.SIGHUP)
+        await broker.answers(new_key, ACCOUNT, 200)
+        assert (await broker.token(old_key)).status_code == 401
