@@ -70,29 +70,37 @@ class ConfigReloader:
         self._asked.set()
 
     async def run(self) -> None:
-        """Reload whenever asked or a watched file changed, until cancelled."""
+        """Reload whenever asked or a watched file changed, until cancelled.
+
+        The first reload is at once, and quiet when nothing changed: the files may have changed
+        (and a SIGHUP passed unheeded) while the process started, after it read them.
+        """
+        first = True
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_seconds):
-                    await self._asked.wait()
+            if not first:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._poll_seconds):
+                        await self._asked.wait()
             asked = self._asked.is_set()
             self._asked.clear()
-            if asked or self._files.changed():
+            if first or asked or self._files.changed():
                 try:
-                    await self.reload()
+                    await self.reload(quiet=first and not asked)
                 except Exception:
                     # The old config keeps serving; the next change or SIGHUP tries again.
                     log.exception("config reload failed", extra={"event": "config.failed"})
+            first = False
 
-    async def reload(self) -> ReloadResult:
+    async def reload(self, *, quiet: bool = False) -> ReloadResult:
         """Read the config again and apply it if it is valid and changes only live settings;
-        the result, also logged and counted."""
+        the result, also logged and counted (except, with `quiet`, when nothing changed)."""
         async with self._lock:
-            result = await self._reload()
-        CONFIG_RELOADS.labels(result).inc()
+            result = await self._reload(quiet)
+        if not (quiet and result is ReloadResult.UNCHANGED):
+            CONFIG_RELOADS.labels(result).inc()
         return result
 
-    async def _reload(self) -> ReloadResult:
+    async def _reload(self, quiet: bool) -> ReloadResult:
         try:
             # Off the event loop: it reads and checks files (TLS certificates among them).
             check = await asyncio.to_thread(check_config, self.path)
@@ -113,7 +121,8 @@ class ConfigReloader:
                 )
             return ReloadResult.REFUSED
         if not change:
-            log.info("config unchanged", extra={"event": "config.unchanged"})
+            if not quiet:
+                log.info("config unchanged", extra={"event": "config.unchanged"})
             return ReloadResult.UNCHANGED
         self._apply(new)
         self.settings = new
@@ -128,15 +137,16 @@ class ConfigReloader:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Watch (and follow SIGHUP, where this thread can take signals) while inside."""
-        task = asyncio.create_task(self.run())
-        try:
-            with self._sighup():
+        """Watch (and follow SIGHUP, where this thread can take signals) while inside; the
+        signal handler comes first, so that the first reload also covers an earlier SIGHUP."""
+        with self._sighup():
+            task = asyncio.create_task(self.run())
+            try:
                 yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     @contextlib.contextmanager
     def _sighup(self) -> Iterator[None]:

@@ -7,12 +7,14 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 import yaml
@@ -22,8 +24,9 @@ from service.api import create_app
 from service.config import ConfigError, load_settings
 from service.keys import new_api_key
 from service.simulator.client import SimulatorControl
+from tests.e2e.harness import metric, scrape
 from tests.integration.conftest import ENCRYPTION_KEYS
-from tests.support import SecretVolume, eventually, free_port
+from tests.support import SecretVolume, ServeProcess, eventually, free_port
 
 pytestmark = pytest.mark.usefixtures("simulator")
 
@@ -264,12 +267,67 @@ async def test_sighup_reloads_a_change_the_poll_cannot_see(
     config = write(tmp_path / "config.yaml", base)
     async with serving(config) as broker:
         assert (await broker.token(old_key)).status_code == 200
-        stamp = config.stat()
-        with config.open("r+", encoding="utf-8") as file:
-            file.write(config.read_text(encoding="utf-8").replace(old_digest, new_digest))
-        os.utime(config, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        rewrite_unseen(config, old_digest, new_digest)
         await asyncio.sleep(3)  # a poll or more: nothing happens without the signal
         assert (await broker.token(old_key)).status_code == 200
         os.kill(os.getpid(), signal.SIGHUP)
         await broker.answers(new_key, ACCOUNT, 200)
         assert (await broker.token(old_key)).status_code == 401
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll `condition` until it holds; fail after a reload's time."""
+    deadline = time.monotonic() + _RELOAD_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, "not reloaded in time"
+        time.sleep(0.1)
+
+
+def rewrite_unseen(path: Path, old: str, new: str) -> None:
+    """Replace `old` by `new` (of the same length) in the file in place, keeping its inode,
+    size and modification time: the poll sees no change."""
+    stamp = path.stat()
+    text = path.read_text(encoding="utf-8")
+    with path.open("r+", encoding="utf-8") as file:
+        file.write(text.replace(old, new))
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_to_serve_reloads_every_worker_without_restarting_it(
+    sim: SimulatorControl, tmp_path: Path, redis_url: str, workers: int
+) -> None:
+    """SIGHUP to `serve` makes each worker reload the config: a key added works on every
+    worker, the processes are the same, and each logs the reload once."""
+    old_key, old_digest = new_api_key()
+    new_key, new_digest = new_api_key()
+    base = config_of(redis_url, sim.base_url, callers={"billing": caller([old_digest])})
+    config = write(tmp_path / "config.yaml", base)
+    serve = ServeProcess(config, tmp_path / "serve", workers=workers)
+    try:
+        serve.wait_until_ok()
+        # Every worker is up (a worker that starts later reads the new config anyway).
+        wait_until(lambda: serve.log().count("Application startup complete.") == workers)
+        before = {child.pid for child in psutil.Process(serve.process.pid).children()}
+        rewrite_unseen(config, old_digest, new_digest)
+        serve.process.send_signal(signal.SIGHUP)
+        with httpx.Client(base_url=serve.url, timeout=10) as http:
+            # New connections each time: the workers share the socket, each takes some.
+            def answered(key: str, status: int) -> bool:
+                headers = {"Authorization": f"Bearer {key}", "Connection": "close"}
+                return all(
+                    http.get(f"/v1/accounts/{ACCOUNT}/token", headers=headers).status_code == status
+                    for _ in range(10)
+                )
+
+            wait_until(lambda: answered(new_key, 200))
+            assert answered(old_key, 401)
+            samples = scrape(serve.url)
+        assert serve.process.poll() is None
+        after = {child.pid for child in psutil.Process(serve.process.pid).children()}
+        assert after == before
+        assert metric(samples, "monogoto_broker_config_reload_total", result="applied") == workers
+        reloaded = [line for line in serve.log_lines() if '"config.reloaded"' in line]
+        assert len(reloaded) == workers
+    finally:
+        serve.stop()
