@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from service.broker.renewer import Renewer
 from service.broker.state import AccountState
 from service.claims import fingerprint
 from service.config import Account, RefreshSettings
-from service.metrics import LOCK_WAIT, STORE_ERRORS
+from service.metrics import CREDENTIALS_REJECTED, LOCK_WAIT, STORE_ERRORS, TOKEN_EXPIRY
 from service.store import StoreUnavailableError, TokenRecord, TokenStore
 from service.upstream import MonogotoClient
 
@@ -93,6 +94,10 @@ class TokenBroker:
             if flight is not None:
                 flight.cancel()
             del self._states[name]
+            # No series for an account that is gone (its expiry would set off the alert).
+            for gauge in (TOKEN_EXPIRY, CREDENTIALS_REJECTED):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name)
         for name in accounts.keys() - self._accounts.keys():
             self._states[name] = AccountState()
         self._accounts, self._names = accounts, tuple(accounts)

@@ -128,7 +128,7 @@ async def test_accounts_added_and_removed_are_served_and_refused(
     sim: SimulatorControl, tmp_path: Path, redis_url: str
 ) -> None:
     """An account added to the config is served within one poll; a removed one gets 403 like
-    an account that never existed; the reload is counted as applied."""
+    an account that never existed and its gauges go; the reload is counted as applied."""
     key, digest = new_api_key()
     base = config_of(redis_url, sim.base_url, callers={"billing": caller([digest])})
     config = write(tmp_path / "config.yaml", base)
@@ -145,6 +145,10 @@ async def test_accounts_added_and_removed_are_served_and_refused(
         write(config, {**base, "accounts": {"fleet-us": accounts["fleet-us"]}})
         await broker.answers(key, ACCOUNT, 403)
         assert (await broker.token(key, "fleet-us")).status_code == 200
+        # Its token's expiry is no longer exposed, so it cannot set off the expiry alert.
+        expiry = "monogoto_broker_token_expiry_timestamp_seconds"
+        assert REGISTRY.get_sample_value(expiry, {"account": ACCOUNT}) is None
+        assert REGISTRY.get_sample_value(expiry, {"account": "fleet-us"})
     assert reloads("applied") == applied + 2
 
 
@@ -200,6 +204,41 @@ async def test_a_password_swapped_in_a_secret_volume_is_used_and_clears_the_reje
         assert refused.status_code == 503
         assert refused.json()["code"] == "credentials_rejected"
         secrets.write({"password": "s3cret"})
+        await broker.answers(key, ACCOUNT, 200)
+
+
+async def test_a_rejection_of_the_old_password_during_a_reload_holds_nothing_back(
+    sim: SimulatorControl, tmp_path: Path, redis_url: str
+) -> None:
+    """Monogoto refuses the old password of a login that was under way when the new password
+    was reloaded: the request gets a plain 503, and the next one logs in with the new password
+    at once instead of waiting out the rejection's back-off."""
+    key, digest = new_api_key()
+    base = config_of(
+        redis_url,
+        sim.base_url,
+        accounts={ACCOUNT: {"username": USERNAME, "password": "not-the-password"}},
+        callers={"billing": caller([digest])},
+        refresh={"rejected_backoff_seconds": 600},
+    )
+    config = write(tmp_path / "config.yaml", base)
+    sim.set(latency_seconds=3)  # the first login, made as the broker starts, takes its time
+    async with serving(config) as broker:
+        request = asyncio.create_task(broker.token(key))
+
+        async def refreshing() -> bool:
+            response = await broker.http.get(
+                "/v1/accounts", headers={"Authorization": f"Bearer {key}"}
+            )
+            return bool(response.json()["accounts"][0]["status"] == "refreshing")
+
+        await eventually(refreshing)
+        write(config, {**base, "accounts": {ACCOUNT: {"username": USERNAME, "password": "s3cret"}}})
+        os.kill(os.getpid(), signal.SIGHUP)
+        sim.set(latency_seconds=0)
+        refused = await request
+        assert refused.status_code == 503
+        assert refused.json()["code"] == "upstream_unavailable"
         await broker.answers(key, ACCOUNT, 200)
 
 
