@@ -7,9 +7,13 @@ aggregated through prometheus-client's multiprocess mode (see `serve`).
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import Counter, Gauge, Histogram
 
 PREFIX = "monogoto_broker_"
+# Set by `serve` with several workers: prometheus-client's multiprocess mode.
+_MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 TOKEN_REQUESTS = Counter(
     PREFIX + "token_requests_total",
@@ -86,3 +90,13 @@ def token_requests(account: str, caller: str, outcome: str) -> Counter:
     if child is None:
         child = _token_requests[key] = TOKEN_REQUESTS.labels(account, caller, outcome)
     return child
+
+
+def forget_account(account: str) -> None:
+    """Drop the gauges of an account a config reload removed, so that its last token expiry
+    cannot set off the expiry alert. prometheus-client cannot drop series in multiprocess mode
+    (several workers): there they stay until the workers restart."""
+    if _MULTIPROCESS_ENV in os.environ:
+        return
+    for gauge in (TOKEN_EXPIRY, CREDENTIALS_REJECTED):
+        gauge.remove(account)

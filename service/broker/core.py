@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +22,7 @@ from service.broker.renewer import Renewer
 from service.broker.state import AccountState
 from service.claims import fingerprint
 from service.config import Account, RefreshSettings
-from service.metrics import CREDENTIALS_REJECTED, LOCK_WAIT, STORE_ERRORS, TOKEN_EXPIRY
+from service.metrics import LOCK_WAIT, STORE_ERRORS, forget_account
 from service.store import StoreUnavailableError, TokenRecord, TokenStore
 from service.upstream import MonogotoClient
 
@@ -94,10 +93,7 @@ class TokenBroker:
             if flight is not None:
                 flight.cancel()
             del self._states[name]
-            # No series for an account that is gone (its expiry would set off the alert).
-            for gauge in (TOKEN_EXPIRY, CREDENTIALS_REJECTED):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(name)
+            forget_account(name)
         for name in accounts.keys() - self._accounts.keys():
             self._states[name] = AccountState()
         self._accounts, self._names = accounts, tuple(accounts)
