@@ -19,10 +19,11 @@ import pytest
 import uvicorn
 import yaml
 from prometheus_client import REGISTRY
+from redis import Redis
 
 from service.api import create_app
 from service.config import ConfigError, load_settings
-from service.keys import new_api_key
+from service.keys import new_api_key, new_encryption_key
 from service.simulator.client import SimulatorControl
 from tests.e2e.harness import metric, scrape
 from tests.integration.conftest import ENCRYPTION_KEYS
@@ -240,6 +241,53 @@ async def test_a_rejection_of_the_old_password_during_a_reload_holds_nothing_bac
         assert refused.status_code == 503
         assert refused.json()["code"] == "upstream_unavailable"
         await broker.answers(key, ACCOUNT, 200)
+
+
+async def test_a_new_key_ring_seals_new_records_and_opens_old_ones(
+    sim: SimulatorControl, tmp_path: Path, redis_url: str
+) -> None:
+    """After a reload that puts a new key first in the ring, a record another replica sealed
+    with the old key (still in the ring) is read, and the next record written is sealed with
+    the new key."""
+    key, digest = new_api_key()
+    other_key, other_digest = new_api_key()
+    old_ring, new_ring = new_encryption_key(), new_encryption_key()
+    callers = {"billing": caller([digest]), "ops": caller([other_digest])}
+    base = config_of(redis_url, sim.base_url, callers=callers, encryption_keys=old_ring)
+    stored = f"{base['key_prefix']}:{{{ACCOUNT}}}:token"
+    redis = Redis.from_url(redis_url)
+
+    def sealed_with(ring: str) -> bool:
+        envelope: bytes = redis.hget(stored, "e")  # type: ignore[assignment]
+        return envelope.startswith(ring.partition(":")[0].encode() + b":")
+
+    async def replace(broker: Broker, key: str, token: str) -> str:
+        response = await broker.http.post(
+            f"/v1/accounts/{ACCOUNT}/token/invalidate",
+            json={"access_token": token},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert response.status_code == 200, response.text
+        return str(response.json()["access_token"])
+
+    config = write(tmp_path / "config.yaml", base)
+    try:
+        async with serving(config) as broker, serving(write(tmp_path / "b.yaml", base)) as old:
+            first = (await broker.token(key)).json()["access_token"]
+            applied = reloads("applied")
+            write(config, {**base, "encryption_keys": f"{new_ring}\n{old_ring}"})
+            await eventually(lambda: reloads("applied") == applied + 1, within=_RELOAD_SECONDS)
+            second = await replace(old, key, first)
+            assert sealed_with(old_ring)
+
+            async def serves_second() -> bool:
+                return bool((await broker.token(key)).json()["access_token"] == second)
+
+            await eventually(serves_second)
+            await replace(broker, other_key, second)
+            assert sealed_with(new_ring)
+    finally:
+        redis.close()
 
 
 async def test_an_invalid_config_is_refused_and_the_old_one_serves(
