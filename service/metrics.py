@@ -7,9 +7,13 @@ aggregated through prometheus-client's multiprocess mode (see `serve`).
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import Counter, Gauge, Histogram
 
 PREFIX = "monogoto_broker_"
+# Set by `serve` with several workers: prometheus-client's multiprocess mode.
+_MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 TOKEN_REQUESTS = Counter(
     PREFIX + "token_requests_total",
@@ -73,6 +77,12 @@ UNREPLICATED_NOTES = Counter(
     "Refresh tokens noted as spent that no store replica acknowledged in time (a login was "
     "made instead of the refresh).",
 )
+CONFIG_RELOADS = Counter(
+    PREFIX + "config_reload_total",
+    "Config reloads by result: applied, unchanged, invalid (not valid; the old config stays), "
+    "refused (changes settings that need a restart; the old config stays).",
+    ["result"],
+)
 
 # Labelled children of TOKEN_REQUESTS, looked up once: keys are configured names and a fixed
 # vocabulary, so the table stays as small as the label set itself.
@@ -86,3 +96,13 @@ def token_requests(account: str, caller: str, outcome: str) -> Counter:
     if child is None:
         child = _token_requests[key] = TOKEN_REQUESTS.labels(account, caller, outcome)
     return child
+
+
+def forget_account(account: str) -> None:
+    """Drop the gauges of an account a config reload removed, so that its last token expiry
+    cannot set off the expiry alert. prometheus-client cannot drop series in multiprocess mode
+    (several workers): there they stay until the workers restart."""
+    if _MULTIPROCESS_ENV in os.environ:
+        return
+    for gauge in (TOKEN_EXPIRY, CREDENTIALS_REJECTED):
+        gauge.remove(account)

@@ -67,8 +67,12 @@ def run_serve(config: Path | None, *, host: str, port: int, workers: int) -> int
         return _fail("serve", problem)
     configure_logging("INFO")
     # Workers load the app themselves (one per process) and find the config here.
-    os.environ[CONFIG_ENV] = str(config.resolve())
+    # Absolute, but not resolved: a mounted ConfigMap's file is a symlink whose target directory
+    # is replaced on every update, and the workers watch the file by its own name.
+    os.environ[CONFIG_ENV] = str(config.absolute())
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    # Until the workers follow it (they reload the config), SIGHUP must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.ExitStack() as running:
         running.enter_context(_metrics_directory(workers))
         try:
@@ -139,7 +143,7 @@ def serve_app(
                 f"a worker failed to start (process [{os.getpid()}]; see the error above)"
             )
         return
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor = _Supervisor(config, sockets=[config.bind_socket()])
     supervisor.run()
     failed = [p.pid for p in supervisor.processes if p.exitcode == STARTUP_FAILURE]
     if failed:
@@ -190,6 +194,9 @@ class _ServerConfig(uvicorn.Config):
         self._reloader: CertificateReloader | None = None
 
     def load(self) -> None:
+        # SIGHUP reloads the config (the app's lifespan follows it); until then, it must not
+        # end the process as it would by default.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
             super().load()
         except Exception:
@@ -201,6 +208,21 @@ class _ServerConfig(uvicorn.Config):
     async def _reload_certificate(self) -> None:
         if self._reloader is not None:
             self._reloader.reload_if_changed()
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of several workers, except that SIGHUP is passed on to every
+    worker, which reloads its config itself (`service.reload`); uvicorn's own would restart
+    them all."""
+
+    def handle_hup(self) -> None:
+        log.info(
+            "SIGHUP received: every worker reloads the config", extra={"event": "config.sighup"}
+        )
+        for process in self.processes:
+            if process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
 
 
 class _ClientCertProtocol(HttpToolsProtocol):

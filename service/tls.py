@@ -7,7 +7,6 @@ Kept free of the web server: `check-config` uses the checks, `serve` the rest.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import ssl
 from collections.abc import Sequence
@@ -17,6 +16,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+
+from service.watch import FileWatch
 
 log = logging.getLogger(__name__)
 
@@ -114,31 +115,23 @@ class CertificateReloader:
     """Loads the certificate and key into a live server SSLContext again when their files
     change; new handshakes then use the new certificate, open connections keep theirs.
 
-    Files are compared by the stat of their targets: a Kubernetes Secret volume (which
-    cert-manager's Secrets usually are) updates by pointing a symlink at a new directory, so
-    the inode changes even where sizes and times would not.
+    Files are compared by the stat of their targets (`service.watch`): a Kubernetes Secret
+    volume (which cert-manager's Secrets usually are) updates by pointing a symlink at a new
+    directory, so the inode changes even where sizes and times would not. A file missing in
+    the middle of a swap is looked at again next time.
     """
 
     def __init__(self, context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
         self._context = context
         self._cert_file = cert_file
         self._key_file = key_file
-        self._seen = self._state()
-
-    def _state(self) -> tuple[tuple[int, int, int, int], ...] | None:
-        try:
-            stats = [os.stat(path) for path in (self._cert_file, self._key_file)]
-        except OSError:
-            return None  # in the middle of a swap: look again next time
-        return tuple((s.st_dev, s.st_ino, s.st_mtime_ns, s.st_size) for s in stats)
+        self._files = FileWatch((cert_file, key_file), wait_for_all=True)
 
     def reload_if_changed(self) -> bool:
         """Reload if the files changed since last seen; whether a new certificate is in use.
         A pair that does not load is logged and skipped: the previous one stays in use."""
-        state = self._state()
-        if state is None or state == self._seen:
+        if not self._files.changed():
             return False
-        self._seen = state
         try:
             # Checked on its own first: a live context whose new certificate was loaded but
             # whose key then failed would be left without a usable key.

@@ -106,3 +106,39 @@ class ServeProcess:
     def log_lines(self) -> list[str]:
         """Its output, line by line."""
         return self.log().splitlines()
+
+
+class SecretVolume:
+    """A directory laid out like a mounted Kubernetes Secret or ConfigMap: each file is a
+    symlink `name -> ..data/name`, and `..data` a symlink to a directory of the current files.
+    `write` updates it the way the kubelet does: a new directory, then `..data` swapped to it
+    in one rename, then the old directory removed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._versions = 0
+
+    def path(self, name: str) -> Path:
+        """Where file `name` appears to its readers."""
+        return self.root / name
+
+    def write(self, files: dict[str, str]) -> None:
+        """Replace every file at once with `files` (name -> content)."""
+        self._versions += 1
+        version = self.root / f"..{self._versions}"
+        version.mkdir()
+        for name, content in files.items():
+            (version / name).write_text(content, encoding="utf-8")
+        data = self.root / "..data"
+        previous = data.resolve() if data.is_symlink() else None
+        swap = self.root / "..data_tmp"
+        swap.symlink_to(version.name)
+        os.replace(swap, data)
+        for name in files:
+            if not self.path(name).is_symlink():
+                self.path(name).symlink_to(Path("..data") / name)
+        if previous is not None:
+            for old in previous.iterdir():
+                old.unlink()
+            previous.rmdir()

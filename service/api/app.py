@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from importlib.metadata import version
+from pathlib import Path
 
 from litestar import Litestar, Router
 from litestar.datastructures import State
@@ -24,6 +25,7 @@ from service.api.tokens import TokenController
 from service.broker.runtime import BrokerRuntime
 from service.config import ConfigError, Settings, config_path_from_env, load_settings
 from service.logs import configure_logging
+from service.reload import ConfigReloader
 
 _SECURITY_SCHEME = "callerKey"
 _DESCRIPTION = """\
@@ -61,8 +63,9 @@ def _openapi_config() -> OpenAPIConfig:
     )
 
 
-def create_app(settings: Settings) -> Litestar:
-    """The broker app for `settings`; its lifespan starts and stops the broker runtime.
+def create_app(settings: Settings, *, config: Path | None = None) -> Litestar:
+    """The broker app for `settings`; its lifespan starts and stops the broker runtime and,
+    given the `config` file `settings` came from, reloads it live (`service.reload`).
 
     HTTP requests are counted and timed by route template (`/v1/accounts/{account}/token`,
     never the raw path) around the whole app (`MeteredLitestar`).
@@ -77,8 +80,19 @@ def create_app(settings: Settings) -> Litestar:
         try:
             runtime = await BrokerRuntime.start(settings)
             app.state[RUNTIME_STATE_KEY] = runtime
+
+            def apply(new: Settings) -> None:
+                # Both at once: no request sees callers allowed an account the broker lacks.
+                runtime.apply(new)
+                current: CallerDirectory = app.state[CALLERS_STATE_KEY]
+                app.state[CALLERS_STATE_KEY] = current.replaced(
+                    new.callers, frozenset(new.accounts)
+                )
+
+            reloader = None if config is None else ConfigReloader(config, settings, apply)
             try:
-                yield
+                async with nullcontext() if reloader is None else reloader.running():
+                    yield
             finally:
                 del app.state[RUNTIME_STATE_KEY]
                 await runtime.stop()
@@ -115,4 +129,4 @@ def create_app_from_env() -> Litestar:
     path = config_path_from_env()
     if path is None:
         raise ConfigError(["no config file given: set BROKER_CONFIG to the config file's path"])
-    return create_app(load_settings(path))
+    return create_app(load_settings(path), config=path)

@@ -79,6 +79,8 @@ class CallerDirectory:
         callers: Mapping[str, CallerSettings],
         accounts: frozenset[str],
         kubernetes: KubernetesAuthSettings | None = None,
+        *,
+        verifier: ServiceAccountVerifier | None = None,
     ) -> None:
         self.accounts = accounts
         self._by_digest: dict[str, Caller] = {}
@@ -99,7 +101,16 @@ class CallerDirectory:
                 )
             for service_account in settings.service_accounts or ():
                 self._by_service_account[service_account] = (name, allowed)
-        self.service_accounts = None if kubernetes is None else ServiceAccountVerifier(kubernetes)
+        if verifier is None and kubernetes is not None:
+            verifier = ServiceAccountVerifier(kubernetes)
+        self.service_accounts = verifier
+
+    def replaced(
+        self, callers: Mapping[str, CallerSettings], accounts: frozenset[str]
+    ) -> CallerDirectory:
+        """The directory of a reloaded config's `callers`, sharing this one's ServiceAccount
+        verifier (the cluster's keys, the tokens verified): `caller_auth` does not change live."""
+        return CallerDirectory(callers, accounts, verifier=self.service_accounts)
 
     def start(self) -> None:
         """Start fetching the keys ServiceAccount tokens are checked against, if configured."""

@@ -65,9 +65,15 @@ class AuthBudget:
         *,
         max_cool_down: float = DEFAULT_MAX_COOL_DOWN_SECONDS,
     ) -> None:
+        self._store = store
+        self.configure(rate, max_cool_down=max_cool_down)
+
+    def configure(
+        self, rate: AuthRate, *, max_cool_down: float = DEFAULT_MAX_COOL_DOWN_SECONDS
+    ) -> None:
+        """Take new settings (a config reload): the next attempt counts against them."""
         if not 0 < max_cool_down < math.inf:
             raise ValueError(f"max_cool_down must be finite and > 0, not {max_cool_down!r}")
-        self._store = store
         self._limit = rate.limit
         self._window = rate.period_seconds + WINDOW_MARGIN_SECONDS
         self._max_cool_down = max_cool_down

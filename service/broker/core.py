@@ -15,13 +15,14 @@ from service.broker.model import (
     IssuedToken,
     Outcome,
     RenewalRateLimitedError,
+    UnknownAccountError,
     UpstreamUnavailableError,
 )
 from service.broker.renewer import Renewer
 from service.broker.state import AccountState
 from service.claims import fingerprint
 from service.config import Account, RefreshSettings
-from service.metrics import LOCK_WAIT, STORE_ERRORS
+from service.metrics import LOCK_WAIT, STORE_ERRORS, forget_account
 from service.store import StoreUnavailableError, TokenRecord, TokenStore
 from service.upstream import MonogotoClient
 
@@ -78,6 +79,30 @@ class TokenBroker:
         self._flights: dict[str, tuple[asyncio.Future[tuple[TokenRecord, Outcome]], str | None]]
         self._flights = {}
 
+    def apply(self, accounts: dict[str, Account], refresh: RefreshSettings, timing: Timing) -> None:
+        """Take a reloaded configuration at once (no request waits for it).
+
+        A removed account's renewal in progress is cancelled and its requests get 403, like an
+        unknown account's; an added one starts without a token. An account whose credentials
+        changed forgets the rejection and back-off of the old ones in this process (the shared
+        rejection marker names the credentials it applies to). Everyone waiting for a change
+        looks again: refresh points may have moved.
+        """
+        for name in self._accounts.keys() - accounts.keys():
+            flight, _ = self._flights.get(name, (None, None))
+            if flight is not None:
+                flight.cancel()
+            del self._states[name]
+            forget_account(name)
+        for name in accounts.keys() - self._accounts.keys():
+            self._states[name] = AccountState()
+        self._accounts, self._names = accounts, tuple(accounts)
+        self._refresh, self._timing = refresh, timing
+        for name in self._renewer.apply(accounts, refresh):
+            self._states[name].credentials_changed(name)
+        for state in self._states.values():
+            state.notify()
+
     @property
     def names(self) -> tuple[str, ...]:
         """The configured account names."""
@@ -86,6 +111,14 @@ class TokenBroker:
     def state(self, account: str) -> AccountState:
         """This process's view of `account` (KeyError if it is not configured)."""
         return self._states[account]
+
+    def _state(self, account: str) -> AccountState:
+        """`state`, for a request: UnknownAccountError (403) if the account is not configured
+        (a reload removed it after the caller was authorised)."""
+        try:
+            return self._states[account]
+        except KeyError:
+            raise UnknownAccountError from None
 
     async def get(
         self, account: str, *, min_ttl: float = 0.0, caller: str | None = None
@@ -96,7 +129,7 @@ class TokenBroker:
         broker's own rules) is forced: if it comes to an upstream call, that call is charged
         to `caller` (429 when it already forced one lately).
         """
-        state = self._states[account]
+        state = self._state(account)
         need = max(min_ttl, self._refresh.min_remaining_seconds)
         local = state.token
         if local is not None and local.good_until - time.time() >= need:
@@ -126,7 +159,7 @@ class TokenBroker:
         store, before anything else can fail: it is never served again, whether or not a
         replacement comes.
         """
-        state = self._states[account]
+        state = self._state(account)
         local = state.token
         if local is not None and local.access_token != access_token and local.usable(self._need):
             return local.issue(Outcome.LOCAL)
@@ -164,7 +197,7 @@ class TokenBroker:
     def _issue(self, account: str, record: TokenRecord, outcome: Outcome) -> IssuedToken:
         """The cached token after an obtain; 503 if it cannot be served (the store offered a
         record older than one this process knows, and the newer one is revoked)."""
-        token = self._states[account].adopt(account, record)
+        token = self._state(account).adopt(account, record)
         if not token.usable(0.0):
             raise UpstreamUnavailableError(
                 "no valid token yet", retry_after=STILL_OBTAINING_RETRY_AFTER_SECONDS
@@ -310,9 +343,9 @@ class TokenBroker:
                 self._flights[account] = (flight, forced_by)
                 flight.add_done_callback(lambda done: self._landed(account, done))
                 # shield: a caller hanging up must not cancel the work others are waiting for.
-                return await asyncio.shield(flight)
+                return await self._shielded(account, flight)
             try:
-                record, outcome = await asyncio.shield(flight)
+                record, outcome = await self._shielded(account, flight)
             except RenewalRateLimitedError:
                 if owner == forced_by:
                     raise
@@ -321,6 +354,18 @@ class TokenBroker:
             # have fetched the very token being reported.
             if wanted(record) or (take_fetched and outcome is Outcome.FETCHED):
                 return record, outcome
+
+    async def _shielded(
+        self, account: str, flight: asyncio.Future[tuple[TokenRecord, Outcome]]
+    ) -> tuple[TokenRecord, Outcome]:
+        """The flight's result; UnknownAccountError if a reload removed the account (which
+        cancelled its flight)."""
+        try:
+            return await asyncio.shield(flight)
+        except asyncio.CancelledError:
+            if flight.cancelled() and account not in self._accounts:
+                raise UnknownAccountError from None
+            raise
 
     def _landed(self, account: str, flight: asyncio.Future[tuple[TokenRecord, Outcome]]) -> None:
         if self._flights.get(account, (None, None))[0] is flight:
@@ -380,7 +425,8 @@ class TokenBroker:
     async def restore(self, account: str) -> bool:
         """Write this process's record back to a store that holds an older one (or none);
         whether it was written."""
-        token = self._states[account].token
+        state = self._states.get(account)  # None once a reload removed the account
+        token = None if state is None else state.token
         # An expired record would be refused anyway: no round trip for it every second.
         if token is None or token.expires_at <= time.time() + 1:
             return False

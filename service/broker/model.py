@@ -89,3 +89,14 @@ class RenewalRateLimitedError(BrokerError):
 
     code = "renewal_rate_limited"
     status = 429
+
+
+class UnknownAccountError(BrokerError):
+    """The account is not configured (any more): a config reload removed it while the request
+    was on its way. Answered like an account a caller may not use."""
+
+    code = "forbidden"
+    status = 403
+
+    def __init__(self) -> None:
+        super().__init__("This caller may not use this account.")

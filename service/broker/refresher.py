@@ -9,6 +9,7 @@ Monogoto; the others find the new record and go back to sleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -30,7 +31,7 @@ class Refresher:
 
     def __init__(self, broker: TokenBroker, refresh: RefreshSettings) -> None:
         self._broker = broker
-        self._refresh = refresh
+        self.refresh = refresh
 
     def next_refresh_in(self, account: str) -> float:
         """Seconds until this replica should try to renew `account`'s cached token."""
@@ -66,7 +67,13 @@ class Refresher:
                 await self._broker.refresh(account)
                 failures = 0
             except CredentialsRejectedError as error:
-                await asyncio.sleep(error.retry_after or self._refresh.rejected_backoff_seconds)
+                # Woken early by a change of the account: its credentials may have been
+                # reloaded (the rejection is then gone), or another replica obtained a token.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(
+                        error.retry_after or self.refresh.rejected_backoff_seconds
+                    ):
+                        await changed.wait()
             except BrokerError as error:
                 failures += 1
                 await asyncio.sleep(self._retry_delay(failures, error.retry_after))

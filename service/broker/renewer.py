@@ -9,7 +9,7 @@ from dataclasses import replace
 from pydantic import SecretStr
 
 from service.broker.budget import BudgetExhaustedError
-from service.broker.model import CredentialsRejectedError, UpstreamUnavailableError
+from service.broker.model import BrokerError, CredentialsRejectedError, UpstreamUnavailableError
 from service.broker.state import AccountState
 from service.claims import fingerprint
 from service.config import Account, RefreshSettings
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # What a caller is told to wait when Monogoto failed without saying for how long.
 UPSTREAM_RETRY_AFTER_SECONDS = 5.0
 FAILED_DETAIL = "Monogoto did not issue a token"
+# What a caller is told to wait when the credentials Monogoto refused were replaced meanwhile.
+RELOADED_RETRY_AFTER_SECONDS = 1.0
 # How long a spent refresh token is remembered when its own expiry is unknown.
 SPENT_MEMORY_SECONDS = 7 * 86400.0
 
@@ -59,6 +61,22 @@ class Renewer:
         # and until when to remember them. Kept here as well as in the store, because a store
         # that goes back in time forgets them along with the records that spent them.
         self._spent: dict[str, dict[str, float]] = {name: {} for name in accounts}
+
+    def apply(self, accounts: dict[str, Account], refresh: RefreshSettings) -> list[str]:
+        """Take a reloaded configuration (`states` already has an entry per account); the
+        accounts whose credentials changed."""
+        credentials = {
+            name: credentials_fingerprint(account.username, account.password)
+            for name, account in accounts.items()
+        }
+        changed = [
+            name
+            for name, fingerprint in credentials.items()
+            if name in self._credentials and self._credentials[name] != fingerprint
+        ]
+        self._spent = {name: self._spent.get(name, {}) for name in accounts}
+        self._accounts, self._refresh, self._credentials = accounts, refresh, credentials
+        return changed
 
     def trusted(self, account: str, record: TokenRecord) -> TokenRecord:
         """`record` without its refresh token if this process knows that token to be spent."""
@@ -107,6 +125,8 @@ class Renewer:
         offered = current.grant() if current else None
         if current is not None and (current.refresh_token is not None or revoke):
             current, offered = await self._note(account, current, lock, revoke=revoke)
+        # Taken before the call: a reload may change the credentials while it runs.
+        credentials = self._credentials[account]
         try:
             grant = await self._client.renew(self._accounts[account], offered)
         except UpstreamError as error:
@@ -114,7 +134,7 @@ class Renewer:
             if current is not None and refresh_token is not None and not error.refresh_token_spent:
                 # The refresh certainly never reached Monogoto: its token is still good.
                 await self._keep_refresh_token(account, current, refresh_token, lock)
-            raise await self._failed(account, error) from None
+            raise await self._failed(account, error, credentials) from None
         local = state.token
         replaces = max(current.version if current else 0, local.record.version if local else 0)
         record = TokenRecord.from_grant(grant, replaces=replaces, now=time.time())
@@ -164,11 +184,12 @@ class Renewer:
                 "Monogoto rejected this account's credentials", retry_after=wait
             )
 
-    async def _failed(self, account: str, error: UpstreamError) -> Exception:
-        """Record a failed renewal; the BrokerError to raise."""
+    async def _failed(self, account: str, error: UpstreamError, credentials: str) -> Exception:
+        """Record a failed renewal made with `credentials` (their fingerprint); the BrokerError
+        to raise."""
         state = self._states[account]
         if isinstance(error, upstream_errors.CredentialsRejectedError):
-            return await self._reject(account, error)
+            return await self._reject(account, error, credentials)
         if isinstance(error, BudgetExhaustedError):
             state.failed("auth budget exhausted")
             return UpstreamUnavailableError(
@@ -183,24 +204,34 @@ class Renewer:
         return UpstreamUnavailableError(FAILED_DETAIL, retry_after=retry_after)
 
     async def _reject(
-        self, account: str, error: upstream_errors.CredentialsRejectedError
-    ) -> CredentialsRejectedError:
-        """Mark the account rejected, here and for every replica; the error to raise."""
+        self, account: str, error: upstream_errors.CredentialsRejectedError, credentials: str
+    ) -> BrokerError:
+        """Mark the account's `credentials` rejected, here and for every replica that has
+        them; the error to raise."""
         backoff = self._refresh.rejected_backoff_seconds
         failure = FailureRecord(
-            detail=error.detail,
-            retry_at=time.time() + backoff,
-            credentials=self._credentials[account],
+            detail=error.detail, retry_at=time.time() + backoff, credentials=credentials
         )
-        self._states[account].rejected(account, failure)
-        log.error(
-            "Monogoto rejected the account's credentials; not retrying for a while",
-            extra={"account": account, "backoff_seconds": backoff},
-        )
+        reloaded = credentials != self._credentials.get(account)
+        if reloaded:
+            # A config reload changed the credentials while Monogoto refused the old ones: the
+            # marker holds back only replicas that still have those; these are tried next.
+            log.warning(
+                "Monogoto rejected the account's previous credentials; trying the reloaded ones",
+                extra={"account": account},
+            )
+        else:
+            self._states[account].rejected(account, failure)
+            log.error(
+                "Monogoto rejected the account's credentials; not retrying for a while",
+                extra={"account": account, "backoff_seconds": backoff},
+            )
         try:
             await self._store.save_failure(account, failure)
         except StoreUnavailableError:
             STORE_ERRORS.labels("save_failure").inc()
+        if reloaded:
+            return UpstreamUnavailableError(FAILED_DETAIL, retry_after=RELOADED_RETRY_AFTER_SECONDS)
         return CredentialsRejectedError(
             "Monogoto rejected this account's credentials", retry_after=backoff
         )

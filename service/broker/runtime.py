@@ -82,6 +82,9 @@ class BrokerRuntime:
         http: httpx.AsyncClient,
         broker: TokenBroker,
         sync: StoreSync,
+        *,
+        client: MonogotoClient,
+        budget: AuthBudget,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -90,7 +93,12 @@ class BrokerRuntime:
         self.store_survey: Survey | None = None
         self._http = http
         self._sync = sync
+        self._client = client
+        self._budget = budget
+        self._refresher = Refresher(broker, settings.refresh)
         self._tasks: list[asyncio.Task[None]] = []
+        # One refresher task per account, by account name.
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     @classmethod
     async def start(cls, settings: Settings) -> BrokerRuntime:
@@ -115,7 +123,9 @@ class BrokerRuntime:
             client,
             timing_for(settings, retry),
         )
-        runtime = cls(settings, store, http, broker, StoreSync(broker, store))
+        runtime = cls(
+            settings, store, http, broker, StoreSync(broker, store), client=client, budget=budget
+        )
         await runtime._warm_up()
         runtime._spawn()
         return runtime
@@ -132,14 +142,43 @@ class BrokerRuntime:
             self._sync.store_ok = False
 
     def _spawn(self) -> None:
-        refresher = Refresher(self.broker, self.settings.refresh)
         coroutines = [self._sync.listen_forever(), self._sync.poll_forever()]
-        coroutines += [refresher.run(account) for account in self.broker.names]
         self._tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+        for account in self.broker.names:
+            self._refreshing[account] = asyncio.create_task(self._refresher.run(account))
+
+    def apply(self, settings: Settings) -> None:
+        """Take a reloaded configuration at once: accounts (a refresher task starts for an added
+        one, stops for a removed one), credentials, the refresh, retry, timeout and budget
+        settings, and the key ring. The settings that cannot change live
+        (`service.config.changes.RESTART_SETTINGS`) must be those already in use."""
+        retry = build_retry_policy(settings)
+        upstream = settings.upstream
+        self._client.configure(
+            default_lifetime=settings.refresh.default_lifetime_seconds,
+            retry=retry,
+            max_retry_after=upstream.max_retry_after_seconds,
+        )
+        self._budget.configure(upstream.auth_rate, max_cool_down=upstream.max_retry_after_seconds)
+        ring = settings.encryption_key_ring()
+        if isinstance(self._store, RedisStore) and ring:
+            self._store.use_cipher(TokenCipher(ring))
+            self._sync.retry_unreadable()
+        self._refresher.refresh = settings.refresh
+        self.broker.apply(
+            settings.accounts_resolved(), settings.refresh, timing_for(settings, retry)
+        )
+        for account in self._refreshing.keys() - set(self.broker.names):
+            self._refreshing.pop(account).cancel()
+        for account in self.broker.names:
+            if account not in self._refreshing:
+                self._refreshing[account] = asyncio.create_task(self._refresher.run(account))
+        self.settings = settings
 
     async def stop(self) -> None:
         """Stop background tasks, then close connections."""
         self._sync.stop()
+        self._tasks += self._refreshing.values()
         for task in self._tasks:
             task.cancel()
         self.broker.cancel_flights()

@@ -114,6 +114,16 @@ class AccountState:
         self.last_error = failure.detail
         CREDENTIALS_REJECTED.labels(account).set(1)
 
+    def credentials_changed(self, account: str) -> None:
+        """The account's configured credentials changed: a rejection or back-off this process
+        holds applied to the old ones, so the next renewal may try the new ones at once."""
+        self.rejected_until = 0.0
+        self.rejected_since = 0.0
+        self.retry_at = 0.0
+        self.last_error = None
+        CREDENTIALS_REJECTED.labels(account).set(0)
+        self.notify()
+
     def status(self) -> AccountStatus:
         """The account's status for `/v1/accounts`."""
         if self.rejected_until > time.time():

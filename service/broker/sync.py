@@ -40,6 +40,10 @@ class StoreSync:
         self._stopped = False
         self._epoch = ""
 
+    def retry_unreadable(self) -> None:
+        """Load records that would not load again (the key ring changed)."""
+        self._unreadable.clear()
+
     def stop(self) -> None:
         """Make the background loops end at their next turn."""
         self._stopped = True
@@ -71,6 +75,8 @@ class StoreSync:
         stored = await self._store.versions(self._broker.names)
         self.store_ok = True
         for account, version in stored.items():
+            if account not in self._broker.names:
+                continue  # removed by a config reload meanwhile
             state = self._broker.state(account)
             if version > state.version:
                 await self.pull(account, version)

@@ -7,6 +7,7 @@ problem (the file's line or the environment variable).
 """
 
 from service.config.caller_auth import CallerAuthSettings, KubernetesAuthSettings
+from service.config.changes import RESTART_SETTINGS, ConfigChange, compare, secret_files
 from service.config.fields import BaseUrl, Name
 from service.config.loading import (
     CONFIG_ENV,
@@ -38,12 +39,14 @@ __all__ = [
     "CONFIG_ENV",
     "DEFAULT_BASE_URLS",
     "ENV_PREFIX",
+    "RESTART_SETTINGS",
     "Account",
     "AccountSettings",
     "AuthRate",
     "BaseUrl",
     "CallerAuthSettings",
     "CallerSettings",
+    "ConfigChange",
     "ConfigCheck",
     "ConfigError",
     "Dialect",
@@ -57,6 +60,8 @@ __all__ = [
     "UpstreamSettings",
     "build_settings",
     "check_config",
+    "compare",
     "config_path_from_env",
     "load_settings",
+    "secret_files",
 ]

@@ -95,6 +95,15 @@ class SimulatorControl:
         """
         self._check(self._http.post(f"/users/{quote(username, safe='')}/revoke"))
 
+    def set_password(self, username: str, password: str) -> None:
+        """Change `username`'s password: logins with the old one fail from now on (until a
+        reset). An unknown user raises SimulatorControlError (404)."""
+        self._check(
+            self._http.put(
+                f"/users/{quote(username, safe='')}/password", json={"password": password}
+            )
+        )
+
     def reset(self) -> None:
         """Clear counters, faults and rate-limit logs; restore the startup settings."""
         self._check(self._http.post("/reset"))

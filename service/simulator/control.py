@@ -112,6 +112,18 @@ class ControlController(Controller):
         if not sim.revoke(username):
             raise UnknownUserError(f"unknown user: {username}")
 
+    @put("/users/{username:str}/password", operation_id="simSetPassword", status_code=204)
+    async def set_password(
+        self, username: str, request: Request[Any, Any, Any], sim: NamedDependency[SimulatorState]
+    ) -> None:
+        """Change the user's password: logins with the old one fail from now on; tokens
+        already issued stay valid."""
+        password = (await _json_object(request)).get("password")
+        if not isinstance(password, str) or not password:
+            raise ControlError("invalid password", ["password: must be a non-empty string"])
+        if not sim.set_password(username, password):
+            raise UnknownUserError(f"unknown user: {username}")
+
     @post("/reset", operation_id="simReset", status_code=204)
     async def reset(self, sim: NamedDependency[SimulatorState]) -> None:
         """Clear counters, faults and rate-limit logs; restore the startup settings."""

@@ -77,6 +77,7 @@ class SimulatorState:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.users = dict(users)
+        self._initial_users = dict(users)
         self.initial_settings = settings or SimulatorSettings()
         self.settings = self.initial_settings
         self.tokens = TokenIssuer(wall_clock)
@@ -110,6 +111,14 @@ class SimulatorState:
         self.tokens.revoke(username)
         return True
 
+    def set_password(self, username: str, password: str) -> bool:
+        """Change a known user's password (the old one is refused from now on); False if the
+        user is unknown."""
+        if username not in self.users:
+            return False
+        self.users[username] = password
+        return True
+
     def stats(self) -> Stats:
         """Every call counted so far, per endpoint, user and outcome, plus totals."""
         totals: dict[str, dict[str, int]] = {}
@@ -123,11 +132,13 @@ class SimulatorState:
         return Stats(calls=calls, totals=totals)
 
     def reset(self) -> None:
-        """Clear counters, faults and rate-limit logs and restore the startup settings.
+        """Clear counters, faults and rate-limit logs and restore the startup settings and
+        passwords.
 
         Users, issued tokens and revocations survive: a client holding a token keeps a valid
         one, and a revoked token stays revoked.
         """
+        self.users = dict(self._initial_users)
         self._counts.clear()
         self.faults.clear()
         self._limiter.clear()

@@ -411,6 +411,11 @@ class RedisStore:
         async with self._reaching("while clearing a failure marker"):
             await self._client.delete(self._key(account, "failure"))
 
+    def use_cipher(self, cipher: TokenCipher) -> None:
+        """Seal new writes with `cipher` (a reloaded key ring) and open records with it; a
+        record sealed with a key the new ring lacks no longer opens."""
+        self._cipher = cipher
+
     @property
     def address(self) -> str:
         """Where the store is (hosts, ports, database or service name; never a password)."""

@@ -91,14 +91,26 @@ class MonogotoClient:
         on_rate_limited: OnRateLimited = _ignore_rate_limit,
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
     ) -> None:
+        self._http = http
+        self._before_attempt = before_attempt
+        self._on_rate_limited = on_rate_limited
+        self.configure(
+            default_lifetime=default_lifetime, retry=retry, max_retry_after=max_retry_after
+        )
+
+    def configure(
+        self,
+        *,
+        default_lifetime: float,
+        retry: RetryPolicy | None = None,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
+    ) -> None:
+        """Take new settings (a config reload); attempts already retrying keep their policy."""
         if not 0 < max_retry_after < math.inf:
             raise ValueError(f"max_retry_after must be finite and > 0, not {max_retry_after!r}")
-        self._http = http
         self._max_retry_after = max_retry_after
         self._default_lifetime = default_lifetime
         self._retry = retry or RetryPolicy()
-        self._before_attempt = before_attempt
-        self._on_rate_limited = on_rate_limited
 
     async def login(self, account: Account) -> TokenGrant:
         """Log in with the account's username and password, retrying transient failures."""

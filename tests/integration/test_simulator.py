@@ -843,6 +843,24 @@ def test_revoked_tokens_stay_revoked_after_a_reset(
     assert_refused(things(own_http, "v1", token), "v1", "revoked")
 
 
+def test_a_changed_password_is_the_only_one_until_a_reset(
+    own: SimulatorControl, own_http: httpx.Client
+) -> None:
+    """After `set_password` only the new password logs in (both dialects) and tokens issued
+    before stay valid; a reset restores the startup password."""
+    token = access_token(own_http, "v1")
+    own.set_password(DEMO_USERNAME, "rotated-password")
+    assert legacy(own_http).status_code == 404
+    assert v1(own_http).status_code == 401
+    assert things(own_http, "v1", token).status_code == 200
+    for dialect in DIALECTS:
+        assert access_token(own_http, dialect, password="rotated-password")
+    own.reset()
+    assert access_token(own_http, "v1")
+    with pytest.raises(SimulatorControlError, match="404"):
+        own.set_password("nobody@example.com", "x")
+
+
 def test_revoke_unknown_user_is_404(own: SimulatorControl, own_http: httpx.Client) -> None:
     """Revoking a user the simulator does not know: 404 with a message; the client raises."""
     response = own_http.post("/_sim/users/nobody@example.com/revoke")
