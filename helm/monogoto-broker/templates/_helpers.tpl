@@ -212,6 +212,19 @@ mapping for `monogoto-broker check-config --helm-values`.
 {{- end }}
 
 {{/*
+The settings a running broker cannot reload (service/config/changes.py): what the pods' restart
+checksum covers. Accounts' usernames are among them too, but adding or removing an account is
+live, so they are left out: the broker refuses such a change and says so (a rollout applies it).
+*/}}
+{{- define "monogoto-broker.restartSettings" -}}
+{{- $config := include "monogoto-broker.config" . | fromYaml }}
+{{- $restart := pick $config "key_prefix" "metrics_port" "tls" "caller_auth" "audit" }}
+{{- $_ := set $restart "upstream" (pick ($config.upstream | default dict) "dialect" "base_url") }}
+{{- $_ := set $restart "redisUrl" (.Values.secrets.redisUrl | sha256sum) }}
+{{- toYaml $restart }}
+{{- end }}
+
+{{/*
 What the chart-made Secret lacks, one "- <value>: required ..." line each (nothing with
 secrets.existingSecret).
 */}}
