@@ -33,6 +33,7 @@ from service.config.models import (
     Account,
     AccountSettings,
     ApiSettings,
+    AuditSettings,
     CallerSettings,
     RefreshSettings,
     UpstreamSettings,
@@ -63,6 +64,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     accounts: dict[Name, AccountSettings] = Field(default_factory=dict, validate_default=True)
     callers: dict[Name, CallerSettings] = Field(default_factory=dict)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @classmethod
     def settings_customise_sources(
