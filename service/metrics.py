@@ -67,6 +67,16 @@ UNREPLICATED_NOTES = Counter(
     "Refresh tokens noted as spent that no store replica acknowledged in time (a login was "
     "made instead of the refresh).",
 )
+AUDIT_LINES = Counter(
+    PREFIX + "audit_lines_total",
+    "Audit log lines by event (token.get, token.invalidate) and outcome (issued, forced, "
+    "invalidated, denied, failed).",
+    ["event", "outcome"],
+)
+AUDIT_WRITE_FAILURES = Counter(
+    PREFIX + "audit_write_failures_total",
+    "Audit log lines that could not be written (lost, or their token request answered 503).",
+)
 
 # Labelled children of TOKEN_REQUESTS, looked up once: keys are configured names and a fixed
 # vocabulary, so the table stays as small as the label set itself.
