@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from service.audit import AuditLog, open_audit_log
 from service.broker.budget import AuthBudget
 from service.broker.core import Timing, TokenBroker
 from service.broker.refresher import Refresher
@@ -82,9 +83,12 @@ class BrokerRuntime:
         http: httpx.AsyncClient,
         broker: TokenBroker,
         sync: StoreSync,
+        *,
+        audit: AuditLog,
     ) -> None:
         self.settings = settings
         self.broker = broker
+        self.audit = audit
         self._store = store
         # The store's nodes as the last readiness check found them (None until it reached them).
         self.store_survey: Survey | None = None
@@ -115,7 +119,8 @@ class BrokerRuntime:
             client,
             timing_for(settings, retry),
         )
-        runtime = cls(settings, store, http, broker, StoreSync(broker, store))
+        audit = open_audit_log(settings)
+        runtime = cls(settings, store, http, broker, StoreSync(broker, store), audit=audit)
         await runtime._warm_up()
         runtime._spawn()
         return runtime
@@ -154,13 +159,19 @@ class BrokerRuntime:
         if stuck:
             log.error("background tasks did not stop", extra={"tasks": len(stuck)})
         await self._http.aclose()
+        # Last: every request was answered before the lifespan ended, so none is lost.
+        self.audit.close()
 
     async def readiness(self) -> list[Check]:
         """Whether this process can serve tokens: ready when every check passes.
 
         The store check passes while the store answers (tokens can be obtained) and, without
         it, while every account still has a valid cached token (static stability, rule 8).
+        The audit check fails only with `audit.fail_closed` while its lines cannot be written.
         """
+        return [await self._store_check(), Check("audit", *self.audit.check())]
+
+    async def _store_check(self) -> Check:
         now = time.time()
         views = self.broker.accounts()
         cached = sum(1 for view in views if view.expires_at is not None and view.expires_at > now)
@@ -168,5 +179,5 @@ class BrokerRuntime:
         try:
             self.store_survey = await self._store.topology()
         except StoreUnavailableError:
-            return [Check("store", cached == len(views), f"unreachable; {summary}")]
-        return [Check("store", True, f"reachable; {summary}")]
+            return Check("store", cached == len(views), f"unreachable; {summary}")
+        return Check("store", True, f"reachable; {summary}")
