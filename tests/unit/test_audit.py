@@ -186,6 +186,21 @@ def test_lines_are_batched_until_flushed(tmp_path: Path) -> None:
     assert len(read_lines(path)) == 2
 
 
+def test_closing_writes_the_lines_still_batched(tmp_path: Path) -> None:
+    """A graceful stop (the lifespan closes the log) writes the lines waiting in the batch."""
+    path = tmp_path / "audit.log"
+    audit = AuditLog(FileSink(path), KEY.encode(), fail_closed=False)
+
+    async def record_then_stop() -> None:
+        for _ in range(3):
+            audit.record(line(audit))
+        assert not path.exists() or path.read_text() == ""
+        audit.close()
+
+    asyncio.run(record_then_stop())
+    assert len(read_lines(path)) == 3
+
+
 def test_a_file_rotated_away_is_reopened(tmp_path: Path) -> None:
     """After the file is renamed (rotated), the next line goes to a new file at the path."""
     path = tmp_path / "audit.log"
