@@ -177,7 +177,7 @@ async def _serve(
         audit_issued(request, caller, account, event, token, rid=rid, reported=reported)
     except BrokerError as error:
         token_requests(account, caller.name, ERROR).inc()
-        _log_failure(request, error, account, caller, event, **context)
+        _log_failure(request, error, account, caller, event, request_id=rid, **context)
         if error.code != AuditUnavailableError.code:
             audit_failed(request, caller, account, event, error, rid=rid, reported=reported)
         raise
