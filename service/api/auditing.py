@@ -59,7 +59,7 @@ def _credential(caller: Caller) -> str:
 
 
 def audit_issued(
-    connection: Connection,
+    audit: AuditLog,
     caller: Caller,
     account: str,
     event: str,
@@ -70,7 +70,6 @@ def audit_issued(
 ) -> None:
     """The line of a token about to be handed out; AuditUnavailableError (503) instead of the
     token with `audit.fail_closed` when it cannot be written."""
-    audit = audit_log(connection)
     if event == INVALIDATE_EVENT:
         outcome = AuditOutcome.INVALIDATED
     else:
@@ -95,7 +94,7 @@ def audit_issued(
 
 
 def audit_failed(
-    connection: Connection,
+    audit: AuditLog,
     caller: Caller,
     account: str,
     event: str,
@@ -105,7 +104,6 @@ def audit_failed(
     reported: str | None = None,
 ) -> None:
     """The line of a token request the broker could not serve (503, 429, 400)."""
-    audit = audit_log(connection)
     audit.record(
         audit.line(
             event=event,

@@ -170,16 +170,17 @@ async def _serve(
     nobody reads those lines (the metric counts them); every other answer logs at INFO. A
     failure logs at WARNING at most once per (account, code) and interval, else at DEBUG.
     """
-    rid = request_id(request, audit_log(request))
+    audit = audit_log(request)
+    rid = request_id(request, audit)
     try:
         token = await issuing
         # Before the answer: with audit.fail_closed, no line means no token (503).
-        audit_issued(request, caller, account, event, token, rid=rid, reported=reported)
+        audit_issued(audit, caller, account, event, token, rid=rid, reported=reported)
     except BrokerError as error:
         token_requests(account, caller.name, ERROR).inc()
         _log_failure(request, error, account, caller, event, request_id=rid, **context)
         if error.code != AuditUnavailableError.code:
-            audit_failed(request, caller, account, event, error, rid=rid, reported=reported)
+            audit_failed(audit, caller, account, event, error, rid=rid, reported=reported)
         raise
     rendered = _render(token, time.time())
     outcome = token.outcome

@@ -47,8 +47,12 @@ class AuditUnavailableError(BrokerError):
     code = "audit_unavailable"
 
 
-class AuditLine(msgspec.Struct, kw_only=True, omit_defaults=False):
-    """One line of the audit log (docs/operations.md, "The audit log")."""
+class AuditLine(msgspec.Struct, kw_only=True, gc=False):
+    """One line of the audit log (docs/operations.md, "The audit log").
+
+    `gc=False`: its fields are strings and numbers, which cannot form a cycle, so the garbage
+    collector need not track one object more per request.
+    """
 
     time: str
     level: str
@@ -126,7 +130,9 @@ class AuditLog:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._counted: dict[tuple[str, AuditOutcome], Counter] = {}
+        # Lines made since the last flush, by (event, outcome): added to the metric per batch.
+        self._made: dict[tuple[str, AuditOutcome], int] = {}
+        self._counters: dict[tuple[str, AuditOutcome], Counter] = {}
         # Why the last write failed; None while writing works.
         self.failure: str | None = None
         self._warned_at = -WARNING_INTERVAL_SECONDS
@@ -156,10 +162,13 @@ class AuditLog:
     def record(self, line: AuditLine, *, handing_out: bool = False) -> None:
         """Write (or batch) `line`. With `fail_closed`, raises AuditUnavailableError when the
         line of a token about to be handed out (`handing_out`) cannot be written."""
-        self._count(line.event, line.outcome)
+        key = (line.event, line.outcome)
+        self._made[key] = self._made.get(key, 0) + 1
         data = msgspec.json.encode(line) + b"\n"
         if self.fail_closed:
-            if not self._write([data]) and handing_out:
+            written = self._write([data])
+            self._count()
+            if not written and handing_out:
                 raise AuditUnavailableError(
                     "the audit log cannot be written; no token is handed out without its line",
                     retry_after=RETRY_AFTER_SECONDS,
@@ -233,6 +242,7 @@ class AuditLog:
         if self._pending:
             lines, self._pending, self._pending_bytes = self._pending, [], 0
             self._write(lines)
+        self._count()
 
     def close(self) -> None:
         """Write every batched line, then release the destination (graceful shutdown)."""
@@ -292,11 +302,13 @@ class AuditLog:
             self._warned_at = now
             self._lost_since_warning = 0
 
-    def _count(self, event: str, outcome: AuditOutcome) -> None:
-        child = self._counted.get((event, outcome))
-        if child is None:
-            child = self._counted[event, outcome] = AUDIT_LINES.labels(event, str(outcome))
-        child.inc()
+    def _count(self) -> None:
+        made, self._made = self._made, {}
+        for (event, outcome), lines in made.items():
+            child = self._counters.get((event, outcome))
+            if child is None:
+                child = self._counters[event, outcome] = AUDIT_LINES.labels(event, str(outcome))
+            child.inc(lines)
 
 
 def _batches(lines: list[bytes]) -> Iterator[bytes]:

@@ -143,7 +143,10 @@ class BrokerRuntime:
         self._tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
 
     async def stop(self) -> None:
-        """Stop background tasks, then close connections."""
+        """Write the audit lines still batched, stop background tasks, then close connections."""
+        # The server answered every request before the lifespan ends, so the batch is complete;
+        # written first, before anything that could hang or fail.
+        self.audit.close()
         self._sync.stop()
         for task in self._tasks:
             task.cancel()
@@ -159,8 +162,6 @@ class BrokerRuntime:
         if stuck:
             log.error("background tasks did not stop", extra={"tasks": len(stuck)})
         await self._http.aclose()
-        # Last: every request was answered before the lifespan ended, so none is lost.
-        self.audit.close()
 
     async def readiness(self) -> list[Check]:
         """Whether this process can serve tokens: ready when every check passes.

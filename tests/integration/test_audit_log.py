@@ -300,12 +300,19 @@ async def test_audit_lines_are_counted_by_event_and_outcome(
     async with _running(config) as client:
         await client.get("/v1/accounts/fleet-eu/token", headers=_auth(BILLING_KEY, "a"))
         await client.get("/v1/accounts/spare/token", headers=_auth(BILLING_KEY, "b"))
-        metrics = (await client.get("/metrics")).text
-    samples = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith("monogoto_broker_audit_lines_total{")
-    ]
+        samples: list[str] = []
+
+        async def counted() -> bool:
+            # Lines are counted as their batch is written, within a fraction of a second.
+            metrics = (await client.get("/metrics")).text
+            samples[:] = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith("monogoto_broker_audit_lines_total{")
+            ]
+            return any('outcome="denied"' in line for line in samples)
+
+        await eventually(counted)
     assert any('event="token.get",outcome="issued"' in line for line in samples)
     assert any('event="token.get",outcome="denied"' in line for line in samples)
     for line in samples:
