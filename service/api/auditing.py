@@ -20,7 +20,7 @@ from service.api.security import (
     UnauthenticatedError,
     authorise,
 )
-from service.audit import AuditLog, AuditOutcome
+from service.audit import AuditLine, AuditLog, AuditOutcome
 from service.broker import BrokerError, IssuedToken
 from service.keys import DIGEST_PREFIX
 
@@ -74,8 +74,9 @@ def audit_issued(
         outcome = AuditOutcome.INVALIDATED
     else:
         outcome = AuditOutcome.FORCED if token.forced else AuditOutcome.ISSUED
-    audit.record(
-        audit.line(
+
+    def build() -> AuditLine:
+        return audit.line(
             event=event,
             outcome=outcome,
             status=200,
@@ -88,9 +89,11 @@ def audit_issued(
             source=token.outcome,
             token_hmac=audit.fingerprint(token.access_token),
             reported_hmac=None if reported is None else audit.fingerprint(reported),
-        ),
-        handing_out=True,
-    )
+        )
+
+    # Everything in the line but its time and request id: a cache hit's line repeats.
+    key = (outcome, caller, account, token.outcome, token.access_token, reported)
+    audit.record_repeated(key, build, rid)
 
 
 def audit_failed(

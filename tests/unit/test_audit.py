@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 from prometheus_client import REGISTRY
@@ -303,3 +304,38 @@ def test_a_batch_is_written_in_whole_lines_of_at_most_4_kib(tmp_path: Path) -> N
     assert len(writes) > 1
     assert all(len(data) <= 4096 and data.endswith(b"\n") for data in writes)
     assert sum(data.count(b"\n") for data in writes) == 100
+
+
+def test_a_repeated_line_is_the_line_with_its_own_time_and_request_id(tmp_path: Path) -> None:
+    """Lines written from the cached encoding of a repeated line (cache hits) are the full
+    line with each request's own time and id, whatever the other fields hold."""
+    path = tmp_path / "audit.log"
+    audit = AuditLog(FileSink(path), KEY.encode(), fail_closed=True)
+    first = audit.line(
+        event="token.get",
+        outcome=AuditOutcome.ISSUED,
+        status=200,
+        request_id="built-with",
+        caller="billing",
+        auth="api_key",
+        credential='CN=a "quoted", O=\\ unusual',
+        account="fleet-eu",
+        source="local",
+        token_hmac=audit.fingerprint("a-token"),
+    )
+    for request_id in ("r-1", "7f1c2a9e-3b1d/4c55+9a0e=2f6b:1c9d.8e21_x"):
+        audit.record_repeated("same", lambda: first, request_id)
+    audit.close()
+    lines = read_lines(path)
+    assert [line["request_id"] for line in lines] == [
+        "r-1",
+        "7f1c2a9e-3b1d/4c55+9a0e=2f6b:1c9d.8e21_x",
+    ]
+    expected = json.loads(msgspec.json.encode(first))
+    for line in lines:
+        assert line["time"].endswith("Z")
+        assert {**line, "time": None, "request_id": None} == {
+            **expected,
+            "time": None,
+            "request_id": None,
+        }
