@@ -9,13 +9,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from service.audit._log import (
-    LOGGER_NAME,
-    AuditLine,
-    AuditLog,
-    AuditOutcome,
-    AuditUnavailableError,
-)
+from service.audit._line import LOGGER_NAME, AuditLine, AuditOutcome
+from service.audit._log import AuditLog, AuditUnavailableError
 from service.audit._sink import FileSink, Sink, StdoutSink
 from service.config import Settings
 

@@ -11,137 +11,30 @@ import os
 import socket
 import time
 from collections.abc import Callable, Hashable, Iterator
-from enum import StrEnum
 
 import msgspec
 from prometheus_client import Counter
 
+from service.audit._line import LEVELS, MESSAGES, AuditLine, AuditOutcome, Clock, Template
 from service.audit._sink import ATOMIC_WRITE_BYTES, Sink
 from service.broker import BrokerError
 from service.metrics import AUDIT_LINES, AUDIT_WRITE_FAILURES
 
 log = logging.getLogger(__name__)
 
-LOGGER_NAME = "monogoto_broker.audit"
 # Lines wait at most this long before they are written, unless 4 KiB of them wait sooner.
 FLUSH_SECONDS = 0.2
 WARNING_INTERVAL_SECONDS = 10.0
 RETRY_AFTER_SECONDS = 5.0
 _FINGERPRINT_HEX = 16
 _CACHED_FINGERPRINTS = 64
-
-
-class AuditOutcome(StrEnum):
-    """What became of a token request, as the audit log says."""
-
-    ISSUED = "issued"  # a token was handed out
-    FORCED = "forced"  # handed out after a renewal only the caller's min_ttl called for
-    INVALIDATED = "invalidated"  # a reported token was answered with a current one
-    DENIED = "denied"  # 401 or 403: the caller is unknown or may not use the account
-    FAILED = "failed"  # the broker could not serve it (503, 429, 400)
+_CACHED_TEMPLATES = 256  # lines of repeated cache hits: callers x accounts, at most
 
 
 class AuditUnavailableError(BrokerError):
     """`audit.fail_closed` is set and the request's audit line could not be written."""
 
     code = "audit_unavailable"
-
-
-class AuditLine(msgspec.Struct, kw_only=True, gc=False):
-    """One line of the audit log (docs/operations.md, "The audit log").
-
-    `gc=False`: its fields are strings and numbers, which cannot form a cycle, so the garbage
-    collector need not track one object more per request.
-    """
-
-    time: str
-    level: str
-    logger: str = LOGGER_NAME
-    message: str
-    audit: bool = True
-    event: str
-    outcome: AuditOutcome
-    status: int
-    code: str | None = None
-    request_id: str
-    caller: str | None
-    auth: str | None
-    credential: str | None
-    pod: str | None = None
-    account: str | None
-    source: str | None = None
-    token_hmac: str | None = None
-    reported_hmac: str | None = None
-    reason: str | None = None
-    replica: str
-    pid: int
-
-
-_MESSAGES = {
-    AuditOutcome.ISSUED: "token issued",
-    AuditOutcome.FORCED: "token issued after a forced renewal",
-    AuditOutcome.INVALIDATED: "token invalidated",
-    AuditOutcome.DENIED: "token request denied",
-    AuditOutcome.FAILED: "token request failed",
-}
-_LEVELS = dict.fromkeys(AuditOutcome, "INFO") | {
-    AuditOutcome.DENIED: "WARNING",
-    AuditOutcome.FAILED: "WARNING",
-}
-
-
-# Stand-ins for the two fields that differ between the lines of repeated cache hits: msgspec
-# writes them as `\u0000time` and `\u0000id`, which no other field of a line can hold.
-_TIME_MARK = "\x00time"
-_ID_MARK = "\x00id"
-_ENCODED_TIME_MARK = b"\\u0000time"
-_ENCODED_ID_MARK = b"\\u0000id"
-_CACHED_TEMPLATES = 256
-
-
-class _Template:
-    """A line's JSON with its time and request id left out: the parts around them.
-
-    The token GET is the broker's hottest route, and at thousands of cache hits per second
-    the same caller gets the same token again and again; building and encoding a whole line
-    per request cost about a tenth of the route's CPU time (bench/, docs/performance.md). The
-    line is encoded by msgspec once per (caller, account, token, outcome); each request then
-    joins the parts with its time and request id, both plain ASCII without characters JSON
-    would escape (digits and punctuation; request ids are checked or made so).
-    """
-
-    __slots__ = ("event", "outcome", "parts")
-
-    def __init__(self, line: AuditLine) -> None:
-        self.event = line.event
-        self.outcome = line.outcome
-        marked = msgspec.structs.replace(line, time=_TIME_MARK, request_id=_ID_MARK)
-        encoded = msgspec.json.encode(marked) + b"\n"
-        head, _, rest = encoded.partition(_ENCODED_TIME_MARK)
-        middle, _, tail = rest.partition(_ENCODED_ID_MARK)
-        self.parts = (head, middle, tail)
-
-    def render(self, time_text: str, request_id: str) -> bytes:
-        """The line with this time and request id."""
-        head, middle, tail = self.parts
-        return b"".join((head, time_text.encode(), middle, request_id.encode(), tail))
-
-
-class _Clock:
-    """ISO 8601 UTC timestamps with microseconds; the part up to the second is formatted once
-    per second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def now(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
 
 
 class AuditLog:
@@ -157,14 +50,14 @@ class AuditLog:
         self.fail_closed = fail_closed
         self._sink = sink
         self._key = key
-        self._clock = _Clock()
+        self._clock = Clock()
         self._replica = socket.gethostname()
         self._pid = os.getpid()
         # Request ids made here: unique per process by the prefix, then counted.
         self._id_prefix = os.urandom(6).hex()
         self._ids = itertools.count(1)
         self._fingerprints: dict[str, str] = {}
-        self._templates: dict[Hashable, _Template] = {}
+        self._templates: dict[Hashable, Template] = {}
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -207,12 +100,12 @@ class AuditLog:
     ) -> None:
         """`record(build(), handing_out=True)` for a line that repeats but for its time and
         request id, such as a cache hit's: `key` names everything else in it, and `build` is
-        called only the first time (see _Template)."""
+        called only the first time (see Template)."""
         template = self._templates.get(key)
         if template is None:
             if len(self._templates) >= _CACHED_TEMPLATES:
                 self._templates.clear()
-            template = self._templates[key] = _Template(build())
+            template = self._templates[key] = Template(build())
         data = template.render(self._clock.now(), request_id)
         self._add(data, template.event, template.outcome, handing_out=True)
 
@@ -261,8 +154,8 @@ class AuditLog:
         """A line with these fields, stamped with the time, level, message and replica."""
         return AuditLine(
             time=self._clock.now(),
-            level=_LEVELS[outcome],
-            message=_MESSAGES[outcome],
+            level=LEVELS[outcome],
+            message=MESSAGES[outcome],
             event=event,
             outcome=outcome,
             status=status,
