@@ -83,6 +83,16 @@ CONFIG_RELOADS = Counter(
     "refused (changes settings that need a restart; the old config stays).",
     ["result"],
 )
+AUDIT_LINES = Counter(
+    PREFIX + "audit_lines_total",
+    "Audit log lines by event (token.get, token.invalidate) and outcome (issued, forced, "
+    "invalidated, denied, failed).",
+    ["event", "outcome"],
+)
+AUDIT_WRITE_FAILURES = Counter(
+    PREFIX + "audit_write_failures_total",
+    "Audit log lines that could not be written (lost, or their token request answered 503).",
+)
 
 # Labelled children of TOKEN_REQUESTS, looked up once: keys are configured names and a fixed
 # vocabulary, so the table stays as small as the label set itself.

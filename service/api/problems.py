@@ -43,8 +43,10 @@ _DESCRIPTIONS = {
     429: "`renewal_rate_limited`: this caller already forced a renewal of this account in the "
     "last minute (a `min_ttl` the current token cannot meet, or the report of a token still "
     "valid); the current token stays valid and nothing was sent to Monogoto; `Retry-After` set.",
-    503: "`upstream_unavailable` (Monogoto unreachable, erroring or rate limiting) or "
-    "`credentials_rejected` (Monogoto rejects the account's credentials); `Retry-After` set.",
+    503: "`upstream_unavailable` (Monogoto unreachable, erroring or rate limiting), "
+    "`credentials_rejected` (Monogoto rejects the account's credentials) or "
+    "`audit_unavailable` (`audit.fail_closed` is set and the audit log cannot be written); "
+    "`Retry-After` set.",
 }
 
 _TOO_LARGE = f"The request body must be at most {MAX_BODY_BYTES // 1024} KiB."

@@ -18,11 +18,21 @@ from litestar.openapi.spec import OpenAPIType, Operation, Parameter, Schema
 from litestar.params import Body, FromPath
 from litestar.response.base import ASGIResponse
 
+from service.api.auditing import (
+    INVALIDATE_EVENT,
+    audit_failed,
+    audit_issued,
+    audit_log,
+    authorise_audited,
+    request_id,
+    requires_audited_account_access,
+)
 from service.api.dependencies import provide_broker
 from service.api.failure_log import FAILURE_LOG_STATE_KEY, FailureLog
 from service.api.problems import problem_responses
 from service.api.schemas import InvalidateBody, TokenBody, seconds_left
-from service.api.security import Caller, authorise, requires_account_access
+from service.api.security import Caller
+from service.audit import AuditUnavailableError
 from service.broker import BrokerError, IssuedToken, Outcome
 from service.broker.core import TokenBroker
 from service.broker.model import MAX_MIN_TTL_SECONDS
@@ -149,19 +159,28 @@ async def _serve(
     account: str,
     caller: Caller,
     event: str,
+    *,
+    reported: str | None = None,
     **context: str,
 ) -> Response[TokenBody]:
-    """Await the broker, then count and log the request: one metric and one log line each.
+    """Await the broker, then count, log and audit the request: one metric, one log line and
+    one audit line each (service.api.auditing).
 
     A GET answered from this process's cache logs at DEBUG: at thousands of requests per second
     nobody reads those lines (the metric counts them); every other answer logs at INFO. A
     failure logs at WARNING at most once per (account, code) and interval, else at DEBUG.
     """
+    audit = audit_log(request)
+    rid = request_id(request, audit)
     try:
         token = await issuing
+        # Before the answer: with audit.fail_closed, no line means no token (503).
+        audit_issued(audit, caller, account, event, token, rid=rid, reported=reported)
     except BrokerError as error:
         token_requests(account, caller.name, ERROR).inc()
-        _log_failure(request, error, account, caller, event, **context)
+        _log_failure(request, error, account, caller, event, request_id=rid, **context)
+        if error.code != AuditUnavailableError.code:
+            audit_failed(audit, caller, account, event, error, rid=rid, reported=reported)
         raise
     rendered = _render(token, time.time())
     outcome = token.outcome
@@ -173,6 +192,7 @@ async def _serve(
             "token issued",
             extra={
                 "event": event,
+                "request_id": rid,
                 "account": account,
                 "caller": caller.name,
                 **context,
@@ -260,7 +280,7 @@ class TokenController(Controller):
         # The hottest route takes no parameters and runs no guard: Litestar would copy the
         # route handler for the guard and validate a signature model on every request.
         account: str = request.path_params["account"]
-        caller = await authorise(request, account)
+        caller = await authorise_audited(request, account, GET_EVENT)
         min_ttl = _min_ttl(request.scope["query_string"])
         return await _serve(
             request,
@@ -276,7 +296,7 @@ class TokenController(Controller):
         summary="Report a token Monogoto rejected",
         status_code=200,
         responses=problem_responses(400, 401, 403, 413, 429, 503),
-        guards=[requires_account_access],
+        guards=[requires_audited_account_access],
     )
     async def invalidate_token(
         self,
@@ -291,6 +311,7 @@ class TokenController(Controller):
             _broker(request).invalidate(account, data.access_token, caller=request.user.name),
             account,
             request.user,
-            "token.invalidate",
+            INVALIDATE_EVENT,
+            reported=data.access_token,
             reported_fingerprint=fingerprint(data.access_token),
         )

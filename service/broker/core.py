@@ -146,7 +146,10 @@ class TokenBroker:
             )
         )
         self._check_reachable(min_ttl, record)
-        return self._issue(account, record, outcome)
+        issued = self._issue(account, record, outcome)
+        if forced and outcome is Outcome.FETCHED:
+            return replace(issued, forced=True)
+        return issued
 
     async def invalidate(
         self, account: str, access_token: str, *, caller: str | None = None

@@ -39,6 +39,8 @@ class IssuedToken:
     expires_at: float
     customer_id: str | None
     outcome: Outcome
+    # Obtained from Monogoto by a renewal that only the caller's `min_ttl` called for.
+    forced: bool = False
 
 
 @dataclass(frozen=True, slots=True)

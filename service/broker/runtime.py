@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from service.audit import AuditLog, open_audit_log
 from service.broker.budget import AuthBudget
 from service.broker.core import Timing, TokenBroker
 from service.broker.refresher import Refresher
@@ -85,9 +86,11 @@ class BrokerRuntime:
         *,
         client: MonogotoClient,
         budget: AuthBudget,
+        audit: AuditLog,
     ) -> None:
         self.settings = settings
         self.broker = broker
+        self.audit = audit
         self._store = store
         # The store's nodes as the last readiness check found them (None until it reached them).
         self.store_survey: Survey | None = None
@@ -123,8 +126,16 @@ class BrokerRuntime:
             client,
             timing_for(settings, retry),
         )
+        audit = open_audit_log(settings)
         runtime = cls(
-            settings, store, http, broker, StoreSync(broker, store), client=client, budget=budget
+            settings,
+            store,
+            http,
+            broker,
+            StoreSync(broker, store),
+            client=client,
+            budget=budget,
+            audit=audit,
         )
         await runtime._warm_up()
         runtime._spawn()
@@ -176,7 +187,10 @@ class BrokerRuntime:
         self.settings = settings
 
     async def stop(self) -> None:
-        """Stop background tasks, then close connections."""
+        """Write the audit lines still batched, stop background tasks, then close connections."""
+        # The server answered every request before the lifespan ends, so the batch is complete;
+        # written first, before anything that could hang or fail.
+        self.audit.close()
         self._sync.stop()
         self._tasks += self._refreshing.values()
         for task in self._tasks:
@@ -199,7 +213,11 @@ class BrokerRuntime:
 
         The store check passes while the store answers (tokens can be obtained) and, without
         it, while every account still has a valid cached token (static stability, rule 8).
+        The audit check fails only with `audit.fail_closed` while its lines cannot be written.
         """
+        return [await self._store_check(), Check("audit", *self.audit.check())]
+
+    async def _store_check(self) -> Check:
         now = time.time()
         views = self.broker.accounts()
         cached = sum(1 for view in views if view.expires_at is not None and view.expires_at > now)
@@ -207,5 +225,5 @@ class BrokerRuntime:
         try:
             self.store_survey = await self._store.topology()
         except StoreUnavailableError:
-            return [Check("store", cached == len(views), f"unreachable; {summary}")]
-        return [Check("store", True, f"reachable; {summary}")]
+            return Check("store", cached == len(views), f"unreachable; {summary}")
+        return Check("store", True, f"reachable; {summary}")

@@ -210,6 +210,8 @@ _MESSAGES = {
     "list_type": "must be a list",
     "enum": "must be {expected}",
     "path_type": "must be a file path",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
 }
 
 

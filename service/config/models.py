@@ -380,3 +380,49 @@ class TlsSettings(_Section):
         except TlsFileError as error:
             return [((error.field,), str(error))]
         return []
+
+
+AUDIT_STDOUT = "-"
+# An HMAC key shorter than its hash's block of security (32 bytes for SHA-256) would be the
+# weakest part of the fingerprint.
+MIN_AUDIT_KEY_CHARS = 32
+_SHORT_AUDIT_KEY = (
+    f"must be at least {MIN_AUDIT_KEY_CHARS} characters; create one with `openssl rand -hex 32`"
+)
+
+
+class AuditSettings(BaseModel):
+    """The audit log: one JSON line per token handed out, invalidated or refused.
+
+    Not a `_Section`: `fail_closed` is the one flag of the configuration.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)
+
+    # "-" is standard output; anything else a file, appended to and reopened when rotated away.
+    path: str = Field(AUDIT_STDOUT, min_length=1)
+    hmac_key: SecretStr | None = None
+    hmac_key_file: Path | None = None
+    fail_closed: bool = False
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _read_hmac_key(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        return check_fields(cls, data, handler, {("hmac_key", "hmac_key_file"): cls._hmac_key})
+
+    def _hmac_key(self) -> Problems:
+        problems: Problems = []
+        key = read_secret(self, "hmac_key", problems, required=False)
+        if key is None:
+            return problems
+        if len(key.strip()) < MIN_AUDIT_KEY_CHARS:
+            where = "hmac_key_file" if self.hmac_key_file is not None else "hmac_key"
+            problems.append(((where,), _SHORT_AUDIT_KEY))
+        else:
+            self.hmac_key = SecretStr(key)
+        return problems
+
+    @property
+    def to_stdout(self) -> bool:
+        """Whether the lines go to standard output rather than a file."""
+        return self.path == AUDIT_STDOUT

@@ -35,6 +35,7 @@ from service.config.models import (
     Account,
     AccountSettings,
     ApiSettings,
+    AuditSettings,
     CallerSettings,
     RefreshSettings,
     TlsSettings,
@@ -70,6 +71,7 @@ class Settings(BaseSettings):
     # Serve /metrics on this port (plain HTTP) instead of the API's port.
     metrics_port: int | None = Field(None, ge=1, le=65535)
     caller_auth: CallerAuthSettings = Field(default_factory=CallerAuthSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @classmethod
     def settings_customise_sources(

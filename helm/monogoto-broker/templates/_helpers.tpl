@@ -221,6 +221,7 @@ live, so they are left out: the broker refuses such a change and says so (a roll
 {{- $restart := pick $config "key_prefix" "metrics_port" "tls" "caller_auth" "audit" }}
 {{- $_ := set $restart "upstream" (pick ($config.upstream | default dict) "dialect" "base_url") }}
 {{- $_ := set $restart "redisUrl" (.Values.secrets.redisUrl | sha256sum) }}
+{{- $_ := set $restart "auditHmacKey" (.Values.secrets.auditHmacKey | sha256sum) }}
 {{- toYaml $restart }}
 {{- end }}
 
