@@ -10,11 +10,14 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+from litestar import Litestar
 
 from service.simulator.process import terminate
 
@@ -39,6 +42,33 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], *, within: flo
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {within}s")
         await asyncio.sleep(0.02)
+
+
+class _InLoopServer(uvicorn.Server):
+    """uvicorn in the test's event loop, leaving the process's signal handlers alone."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@asynccontextmanager
+async def served(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    """`app` served by uvicorn on a free port of 127.0.0.1, in this event loop, until the block
+    ends (its lifespan shutdown included), and an HTTP client of it."""
+    port = free_port()
+    server = _InLoopServer(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    )
+    serving = asyncio.create_task(server.serve())
+    await eventually(lambda: server.started or serving.done())
+    assert server.started, "uvicorn did not start"
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await serving
 
 
 class ServeProcess:

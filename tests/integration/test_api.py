@@ -8,13 +8,12 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import create_app, failure_log
@@ -23,7 +22,7 @@ from service.config import build_settings
 from service.keys import api_key_digest, new_encryption_key
 from service.logs import JsonLinesFormatter
 from service.simulator.client import SimulatorControl
-from tests.support import eventually, free_port
+from tests.support import served
 from tests.topologies import RedisServer
 
 Client = httpx.AsyncClient
@@ -64,31 +63,9 @@ def _config(redis_url: str, simulator_url: str, **accounts: Any) -> dict[str, An
     }
 
 
-class _Server(uvicorn.Server):
-    """uvicorn in the test's event loop, leaving the process's signal handlers alone."""
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-@asynccontextmanager
-async def _running(config: dict[str, Any]) -> AsyncIterator[Client]:
+def _running(config: dict[str, Any]) -> AbstractAsyncContextManager[Client]:
     """The broker app served by uvicorn on a free port, and an HTTP client of it."""
-    app = create_app(build_settings(config))
-    port = free_port()
-    server = _Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    )
-    serving = asyncio.create_task(server.serve())
-    await eventually(lambda: server.started or serving.done())
-    assert server.started, "uvicorn did not start"
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await serving
+    return served(create_app(build_settings(config)))
 
 
 @pytest.fixture

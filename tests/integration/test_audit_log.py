@@ -4,24 +4,21 @@ and nothing secret (docs/operations.md, "The audit log")."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from service.api import create_app
 from service.config import build_settings
 from service.keys import api_key_digest, new_encryption_key
 from service.simulator.client import SimulatorControl
-from tests.support import eventually, free_port
+from tests.support import eventually, served
 
 Client = httpx.AsyncClient
 
@@ -55,37 +52,10 @@ def _config(redis_url: str, simulator_url: str, audit: dict[str, Any]) -> dict[s
     }
 
 
-class _Server(uvicorn.Server):
-    """uvicorn in the test's event loop, leaving the process's signal handlers alone."""
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-@asynccontextmanager
-async def _running(config: dict[str, Any]) -> AsyncIterator[Client]:
+def _running(config: dict[str, Any]) -> AbstractAsyncContextManager[Client]:
     """The broker app served by uvicorn on a free port until the block ends (its lifespan
     shutdown then flushes the audit log), and an HTTP client of it."""
-    port = free_port()
-    server = _Server(
-        uvicorn.Config(
-            create_app(build_settings(config)),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            access_log=False,
-        )
-    )
-    serving = asyncio.create_task(server.serve())
-    await eventually(lambda: server.started or serving.done())
-    assert server.started, "uvicorn did not start"
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await serving
+    return served(create_app(build_settings(config)))
 
 
 def _auth(key: str, request_id: str) -> dict[str, str]:

@@ -8,15 +8,14 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
-import uvicorn
 import yaml
 from prometheus_client import REGISTRY
 from redis import Redis
@@ -28,7 +27,7 @@ from service.simulator.client import SimulatorControl
 from tests.e2e.harness import metric, scrape
 from tests.integration.conftest import ENCRYPTION_KEYS
 from tests.service_account_issuer import IssuerServer, SigningKey, claims, sign
-from tests.support import SecretVolume, ServeProcess, eventually, free_port
+from tests.support import SecretVolume, ServeProcess, eventually, free_port, served
 
 pytestmark = pytest.mark.usefixtures("simulator")
 
@@ -36,14 +35,6 @@ ACCOUNT = "fleet-eu"
 USERNAME = "ops@example.com"
 # A reload is noticed within one poll (2 s) and applied at once.
 _RELOAD_SECONDS = 10.0
-
-
-class _Server(uvicorn.Server):
-    """uvicorn in the test's event loop, leaving the process's signal handlers alone."""
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class Broker:
@@ -71,20 +62,8 @@ class Broker:
 @asynccontextmanager
 async def serving(config: Path) -> AsyncIterator[Broker]:
     """The broker app for the config file `config`, reloading it live."""
-    app = create_app(load_settings(config), config=config)
-    port = free_port()
-    server = _Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    )
-    task = asyncio.create_task(server.serve())
-    await eventually(lambda: server.started or task.done())
-    assert server.started, "uvicorn did not start"
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            yield Broker(config, http)
-    finally:
-        server.should_exit = True
-        await task
+    async with served(create_app(load_settings(config), config=config)) as http:
+        yield Broker(config, http)
 
 
 def config_of(redis_url: str, simulator_url: str, **changes: Any) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import create_app
@@ -31,7 +30,7 @@ from tests.service_account_issuer import (
     sign,
     unsigned,
 )
-from tests.support import eventually, free_port
+from tests.support import eventually, free_port, served
 
 Client = httpx.AsyncClient
 
@@ -71,38 +70,18 @@ def _config(redis_url: str, simulator_url: str, kubernetes: dict[str, Any]) -> d
     }
 
 
-class _Server(uvicorn.Server):
-    """uvicorn in the test's event loop, leaving the process's signal handlers alone."""
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 @asynccontextmanager
 async def _broker(config: dict[str, Any], *, ready: bool = True) -> AsyncIterator[Client]:
     """The broker app served by uvicorn on a free port, and an HTTP client of it; with `ready`,
     once it has the issuer's keys (a request before then would fetch them itself)."""
-    app = create_app(build_settings(config))
-    port = free_port()
-    server = _Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    )
-    serving = asyncio.create_task(server.serve())
-    await eventually(lambda: server.started or serving.done())
-    assert server.started, "uvicorn did not start"
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            if ready:
+    async with served(create_app(build_settings(config))) as client:
+        if ready:
 
-                async def keys_obtained() -> bool:
-                    return (await _keys_check(client))["ok"] is True
+            async def keys_obtained() -> bool:
+                return (await _keys_check(client))["ok"] is True
 
-                await eventually(keys_obtained)
-            yield client
-    finally:
-        server.should_exit = True
-        await serving
+            await eventually(keys_obtained)
+        yield client
 
 
 async def _keys_check(client: Client) -> dict[str, Any]:
