@@ -31,14 +31,6 @@ KEY_LINE = "k1:" + base64.b64encode(bytes(range(32))).decode()
 OTHER_KEY_LINE = "k2:" + base64.b64encode(bytes(range(1, 33))).decode()
 
 
-@pytest.fixture(autouse=True)
-def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Isolate every test from BROKER_* variables of the surrounding shell."""
-    for name in list(os.environ):
-        if name.upper().startswith("BROKER_"):
-            monkeypatch.delenv(name)
-
-
 def config(**overrides: Any) -> dict[str, Any]:
     """A minimal valid configuration, with top-level keys replaced by `overrides`."""
     return {

@@ -40,14 +40,6 @@ accounts:
 """
 
 
-@pytest.fixture(autouse=True)
-def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Isolate every test from BROKER_* variables of the surrounding shell."""
-    for name in list(os.environ):
-        if name.upper().startswith("BROKER_"):
-            monkeypatch.delenv(name)
-
-
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(text, encoding="utf-8")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,6 @@ REDIS_PASSWORD = "redis-Secret-1234"
 DIGEST = "ab" * 32
 NEW_DIGEST = "cd" * 32  # the second key of a caller whose key is being rotated
 KEY_LINE = "k1:" + base64.b64encode(bytes(range(32))).decode()
-
-
-@pytest.fixture(autouse=True)
-def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Isolate every test from BROKER_* variables of the surrounding shell."""
-    for name in list(os.environ):
-        if name.upper().startswith("BROKER_"):
-            monkeypatch.delenv(name)
 
 
 def config(**overrides: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ check-config lines for what it does not."""
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,9 @@ ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
 @pytest.fixture(autouse=True)
-def _no_broker_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Isolate every test from BROKER_* variables of the surrounding shell; in `tmp_path`, so
-    that problems name the file as `config.yaml`."""
+def _in_tmp_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Run every test in `tmp_path`, so that problems name the file as `config.yaml`."""
     monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.upper().startswith("BROKER_"):
-            monkeypatch.delenv(name)
 
 
 def config(kubernetes: dict[str, Any] | None = None, **callers: Any) -> dict[str, Any]:

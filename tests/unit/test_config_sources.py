@@ -4,7 +4,6 @@ callers that only the environment defines, and hints for the common mistakes."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -35,14 +34,6 @@ callers:
     accounts:
       - fleet-eu
 """
-
-
-@pytest.fixture(autouse=True)
-def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Isolate every test from BROKER_* variables of the surrounding shell."""
-    for name in list(os.environ):
-        if name.upper().startswith("BROKER_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,6 @@ from tests.certificates import Issued, make_ca, make_client_cert, make_server_ce
 PASSWORD = "pw-Secret-0451"
 DIGEST = "ab" * 32
 SUBJECT = "CN=fleet-ingest,O=telemetry"
-
-
-@pytest.fixture(autouse=True)
-def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Isolate every test from BROKER_* variables of the surrounding shell."""
-    for name in list(os.environ):
-        if name.upper().startswith("BROKER_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,6 @@ ACCOUNT = Account(
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Isolate every test from BROKER_* variables of the surrounding shell."""
-    for name in list(os.environ):
-        if name.upper().startswith("BROKER_"):
-            monkeypatch.delenv(name)
-
-
 def parse(value: str | None, cap: float = CAP) -> float | None:
     """What the client makes of a 429 with this Retry-After header (None: no header)."""
     headers = {} if value is None else {"Retry-After": value}
