@@ -11,7 +11,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import yaml
 from prometheus_client import REGISTRY
 
 from service.audit import (
@@ -24,6 +23,7 @@ from service.audit import (
     open_audit_log,
 )
 from service.config import ConfigError, build_settings, check_config
+from tests.config_files import write
 
 KEY = "k" * 32
 PASSWORD = "pw-Secret-0451"
@@ -42,10 +42,8 @@ def config(**overrides: Any) -> dict[str, Any]:
 
 def check(tmp_path: Path, data: dict[str, Any]) -> list[str]:
     """What `check-config` reports for `data` written to a file (named without its folder)."""
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     with pytest.raises(ConfigError) as caught:
-        check_config(path)
+        check_config(write(tmp_path, data))
     return [text.replace(f"{tmp_path}/", "") for text in caught.value.report]
 
 

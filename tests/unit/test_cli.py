@@ -16,6 +16,7 @@ from service.config import Dialect
 from service.dev import dev_settings
 from service.keys import api_key_digest, new_api_key, parse_encryption_keys
 from service.simulator import DEMO_USERNAME
+from tests.config_files import write_text
 
 VALID = """\
 redis_url: "memory://"
@@ -40,17 +41,11 @@ accounts:
 """
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def test_check_config_accepts_a_valid_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A valid config exits 0 and says so, with what it found."""
-    path = write(tmp_path, VALID)
+    path = write_text(tmp_path, VALID)
     assert main(["check-config", "--config", str(path)]) == 0
     assert capsys.readouterr().out == f"{path}: OK (1 account, 1 caller)\n"
 
@@ -59,7 +54,7 @@ def test_check_config_prints_one_line_per_problem(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A broken config exits 2 and lists each problem on its own line, with its line."""
-    path = write(tmp_path, THREE_MISTAKES)
+    path = write_text(tmp_path, THREE_MISTAKES)
     assert main(["check-config", "--config", str(path)]) == 2
     assert capsys.readouterr().out.splitlines() == [
         f"upstream.timeout_seconds: must be greater than 0 (from {path} line 2)",
@@ -81,7 +76,7 @@ def test_check_config_lists_every_problem_and_its_source_at_once(
     monkeypatch.setenv("BROKER_UPSTREAM__TIMEOUT_SECONDS", "0")
     monkeypatch.setenv("BROKER_ACCOUNTS__FLEET_EU__PASSWORD_FILE", "/no/such/file")
     monkeypatch.setenv("BROKER_ACCOUNTS__FLEET_AP__PASSWORD", "s3cret-Pass")
-    path = write(tmp_path, text)
+    path = write_text(tmp_path, text)
     assert main(["check-config", "--config", str(path)]) == 2
     assert capsys.readouterr().out.splitlines() == [
         f"warning: accounts.fleet_ap: created by BROKER_ACCOUNTS__FLEET_AP__PASSWORD, not in "
@@ -102,7 +97,7 @@ def test_check_config_reads_path_from_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Without --config, BROKER_CONFIG names the file."""
-    monkeypatch.setenv("BROKER_CONFIG", str(write(tmp_path, THREE_MISTAKES)))
+    monkeypatch.setenv("BROKER_CONFIG", str(write_text(tmp_path, THREE_MISTAKES)))
     assert main(["check-config"]) == 2
     assert len(capsys.readouterr().out.splitlines()) == 3
 
@@ -112,7 +107,7 @@ def test_check_config_includes_env_overrides(
 ) -> None:
     """Environment overrides are validated too, so a bad one fails the check, naming it."""
     monkeypatch.setenv("BROKER_UPSTREAM__DIALECT", "v2")
-    assert main(["check-config", "--config", str(write(tmp_path, VALID))]) == 2
+    assert main(["check-config", "--config", str(write_text(tmp_path, VALID))]) == 2
     assert capsys.readouterr().out == (
         "upstream.dialect: must be 'legacy' or 'v1' (from BROKER_UPSTREAM__DIALECT)\n"
     )
@@ -143,7 +138,7 @@ def _console_script() -> str:
 
 def test_installed_command_reports_malformed_yaml_without_traceback(tmp_path: Path) -> None:
     """The installed command turns a YAML syntax error into one line and exit code 2."""
-    path = write(tmp_path, "accounts:\n  fleet-eu:\n    username: [ops\n")
+    path = write_text(tmp_path, "accounts:\n  fleet-eu:\n    username: [ops\n")
     env = {
         name: value for name, value in os.environ.items() if not name.upper().startswith("BROKER_")
     }
@@ -166,7 +161,7 @@ def test_serve_reports_config_problems_and_exits_2(
 ) -> None:
     """serve validates the config first: exit 2, each problem on its own line with where it
     came from (as check-config says it), no traceback."""
-    path = write(tmp_path, THREE_MISTAKES)
+    path = write_text(tmp_path, THREE_MISTAKES)
     assert main(["serve", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -192,7 +187,7 @@ def test_serve_reads_config_path_from_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Without --config, serve validates the file BROKER_CONFIG names."""
-    monkeypatch.setenv("BROKER_CONFIG", str(write(tmp_path, THREE_MISTAKES)))
+    monkeypatch.setenv("BROKER_CONFIG", str(write_text(tmp_path, THREE_MISTAKES)))
     assert main(["serve"]) == 2
     assert "refresh.fractoin: unknown key" in capsys.readouterr().err
 
@@ -201,7 +196,7 @@ def test_serve_refuses_memory_store_with_several_workers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """memory:// lives in one process, so serve refuses --workers 2 with exit 2."""
-    path = write(tmp_path, VALID)
+    path = write_text(tmp_path, VALID)
     assert main(["serve", "--config", str(path), "--workers", "2"]) == 2
     err = capsys.readouterr().err
     assert "memory://" in err

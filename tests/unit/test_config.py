@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from service.config import (
@@ -19,6 +18,7 @@ from service.config import (
     load_settings,
 )
 from service.keys import new_api_key, new_encryption_key
+from tests.config_files import load, problems, write
 
 PASSWORD = "pw-Secret-0451"
 OTHER_PASSWORD = "pw-Secret-9876"
@@ -36,22 +36,6 @@ def config(**overrides: Any) -> dict[str, Any]:
     }
     data.update(overrides)
     return data
-
-
-def write(tmp_path: Path, data: Any, name: str = "config.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def load(tmp_path: Path, data: Any) -> Settings:
-    return load_settings(write(tmp_path, data))
-
-
-def problems(tmp_path: Path, data: Any) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        load(tmp_path, data)
-    return caught.value.problems
 
 
 def secret_file(tmp_path: Path, name: str, content: str) -> str:

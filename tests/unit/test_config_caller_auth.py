@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from service.config import ConfigError, check_config, load_settings
+from service.config import ConfigError, KubernetesAuthSettings, Settings, check_config
+from tests.config_files import load, write
 
 DIGEST = "ab" * 32
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -43,18 +43,18 @@ def kubernetes(**fields: Any) -> dict[str, Any]:
     return {"issuer": ISSUER, "audiences": ["monogoto-broker"], **fields}
 
 
+def loaded_section(settings: Settings) -> KubernetesAuthSettings:
+    """The `caller_auth.kubernetes` section of `settings`, which must have one."""
+    assert settings.caller_auth.kubernetes is not None
+    return settings.caller_auth.kubernetes
+
+
 def report(tmp_path: Path, data: dict[str, Any]) -> list[str]:
     """The check-config lines for `data` written to config.yaml."""
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    write(tmp_path, data)
     with pytest.raises(ConfigError) as caught:
         check_config(Path("config.yaml"))
     return caught.value.report
-
-
-def load(tmp_path: Path, data: dict[str, Any]) -> Any:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return load_settings(path)
 
 
 def ca_pem() -> bytes:
@@ -90,11 +90,9 @@ def test_caller_may_have_service_accounts_instead_of_a_key(tmp_path: Path) -> No
     assert settings.callers["ingest"].key_digests() == ()
     assert settings.callers["ingest"].service_accounts == ["telemetry/fleet-ingest"]
     assert settings.callers["both"].key_digests() == (DIGEST,)
-    assert settings.caller_auth.kubernetes.issuer == ISSUER
-    assert settings.caller_auth.kubernetes.jwks_url is None
-    assert settings.caller_auth.kubernetes.discovery_url == (
-        ISSUER + "/.well-known/openid-configuration"
-    )
+    assert loaded_section(settings).issuer == ISSUER
+    assert loaded_section(settings).jwks_url is None
+    assert loaded_section(settings).discovery_url == ISSUER + "/.well-known/openid-configuration"
 
 
 def test_files_and_loopback_http_jwks_url_are_accepted(tmp_path: Path) -> None:
@@ -108,8 +106,8 @@ def test_files_and_loopback_http_jwks_url_are_accepted(tmp_path: Path) -> None:
         jwks_token_file=str(tmp_path / "token"),
     )
     settings = load(tmp_path, config(section))
-    assert settings.caller_auth.kubernetes.jwks_url == "http://127.0.0.1:8443/openid/v1/jwks"
-    assert settings.caller_auth.kubernetes.jwks_ca_file == tmp_path / "ca.crt"
+    assert loaded_section(settings).jwks_url == "http://127.0.0.1:8443/openid/v1/jwks"
+    assert loaded_section(settings).jwks_ca_file == tmp_path / "ca.crt"
 
 
 def test_no_caller_auth_by_default(tmp_path: Path) -> None:
@@ -203,7 +201,7 @@ def test_jwks_url_must_not_hold_a_password(tmp_path: Path) -> None:
 @pytest.mark.parametrize("url", ["http://localhost:8080/jwks", "http://[::1]:8080/jwks"])
 def test_http_jwks_url_on_loopback_is_accepted(tmp_path: Path, url: str) -> None:
     """`localhost` and IPv6 loopback count as loopback."""
-    assert load(tmp_path, config(kubernetes(jwks_url=url))).caller_auth.kubernetes.jwks_url == url
+    assert loaded_section(load(tmp_path, config(kubernetes(jwks_url=url)))).jwks_url == url
 
 
 @pytest.mark.parametrize("issuer", ["http://kubernetes.default.svc", "kubernetes/serviceaccount"])
@@ -257,6 +255,6 @@ def test_environment_overrides_caller_auth(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("BROKER_CALLERS__INGEST__SERVICE_ACCOUNTS", '["telemetry/x"]')
     data = config(kubernetes(), ingest={"service_accounts": ["telemetry/y"], "accounts": ["*"]})
     settings = load(tmp_path, data)
-    assert settings.caller_auth.kubernetes.issuer == "https://issuer.example"
-    assert settings.caller_auth.kubernetes.audiences == ["a", "b"]
+    assert loaded_section(settings).issuer == "https://issuer.example"
+    assert loaded_section(settings).audiences == ["a", "b"]
     assert settings.callers["ingest"].service_accounts == ["telemetry/x"]

@@ -11,6 +11,7 @@ import pytest
 from service.cli import main
 from service.config import ConfigError, check_config, load_settings
 from service.keys import new_api_key
+from tests.config_files import write_text
 
 PASSWORD = "pw-Secret-0451"
 ENV_PASSWORD = "pw-Secret-9876"
@@ -43,19 +44,13 @@ def password_file(tmp_path: Path) -> Path:
     return path
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def config_file(tmp_path: Path, password_file: Path, *replace: tuple[str, str]) -> Path:
     """CONFIG, with each (old, new) of `replace` applied to its text."""
     text = CONFIG.format(password_file=password_file)
     for old, new in replace:
         assert old in text
         text = text.replace(old, new)
-    return write(tmp_path, text)
+    return write_text(tmp_path, text)
 
 
 def report(path: Path) -> tuple[list[str], list[str]]:
@@ -118,7 +113,7 @@ callers:
     accounts: ["fleet-eu", "fleet-ap"]
 """
     with pytest.raises(ConfigError) as caught:
-        load_settings(write(tmp_path, text))
+        load_settings(write_text(tmp_path, text))
     assert caught.value.problems == [
         "accounts.fleet-eu.username: must not be empty",
         "accounts.fleet-eu.password_file: cannot read /no/such/file (No such file or directory)",
@@ -178,7 +173,7 @@ def test_problems_name_the_file_line_or_the_variable(
 
 def test_a_missing_field_names_the_entry_that_lacks_it(tmp_path: Path) -> None:
     """A required field that is absent is reported at the line of its account."""
-    path = write(tmp_path, 'redis_url: "memory://"\naccounts:\n  fleet-eu:\n    password: x\n')
+    path = write_text(tmp_path, 'redis_url: "memory://"\naccounts:\n  fleet-eu:\n    password: x\n')
     assert report(path)[0] == [f"accounts.fleet-eu.username: required (from {path} line 3)"]
 
 
@@ -186,7 +181,7 @@ def test_the_file_is_named_as_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A relative --config path is named as it was given."""
-    write(tmp_path, 'redis_url: "memory://"\nkey_prefix: ""\naccounts: {}\n')
+    write_text(tmp_path, 'redis_url: "memory://"\nkey_prefix: ""\naccounts: {}\n')
     monkeypatch.chdir(tmp_path)
     assert check_config_output(Path("config.yaml"), capsys) == (
         2,
@@ -255,7 +250,7 @@ accounts:
   a_b-c: {username: two, password: y}
   a_b_c: {username: three, password: z}
 """
-    path = write(tmp_path, text)
+    path = write_text(tmp_path, text)
     monkeypatch.setenv("BROKER_ACCOUNTS__A_B_C__USERNAME", "exact")
     assert check_config(path).settings.accounts["a_b_c"].username == "exact"
     path.write_text(text.replace("  a_b_c: {username: three, password: z}\n", ""))
@@ -393,7 +388,7 @@ callers:
   audit: {{api_key_sha256: "sha256:{DIGEST}", accounts: ["*"]}}
 """
     monkeypatch.setenv("BROKER_CALLERS__AUDIT__API_KEY_SHA256", key)
-    found = report(write(tmp_path, text))[0]
+    found = report(write_text(tmp_path, text))[0]
     hint = (
         "this looks like the key itself (line 1 of new-api-key); give the sha256:... digest "
         "(line 2)"

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from service.config import ConfigError, Settings, check_config, load_settings
+from service.config import ConfigError, check_config
 from tests.certificates import Issued, make_ca, make_client_cert, make_server_cert
+from tests.config_files import load, problems, write
 
 PASSWORD = "pw-Secret-0451"
 DIGEST = "ab" * 32
@@ -40,22 +40,6 @@ def config(server: Issued, ca: Issued | None = None, **overrides: Any) -> dict[s
     }
     data.update(overrides)
     return data
-
-
-def write(tmp_path: Path, data: Any) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def load(tmp_path: Path, data: Any) -> Settings:
-    return load_settings(write(tmp_path, data))
-
-
-def problems(tmp_path: Path, data: Any) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        load(tmp_path, data)
-    return caught.value.problems
 
 
 def test_tls_with_client_subjects_loads(tmp_path: Path, server: Issued, ca: Issued) -> None:
