@@ -3,17 +3,13 @@ check-config lines for what it does not."""
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from service.config import ConfigError, KubernetesAuthSettings, Settings, check_config
+from tests.certificates import make_ca
 from tests.config_files import load, write
 
 DIGEST = "ab" * 32
@@ -57,24 +53,6 @@ def report(tmp_path: Path, data: dict[str, Any]) -> list[str]:
     return caught.value.report
 
 
-def ca_pem() -> bytes:
-    """A self-signed CA certificate in PEM."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime.datetime(2020, 1, 1))
-        .not_valid_after(datetime.datetime(2100, 1, 1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
 def test_caller_may_have_service_accounts_instead_of_a_key(tmp_path: Path) -> None:
     """A caller known only by its ServiceAccounts needs no key digest."""
     data = config(
@@ -97,17 +75,17 @@ def test_caller_may_have_service_accounts_instead_of_a_key(tmp_path: Path) -> No
 
 def test_files_and_loopback_http_jwks_url_are_accepted(tmp_path: Path) -> None:
     """A CA file with a certificate, a token file and an http JWKS URL on loopback are valid."""
-    (tmp_path / "ca.crt").write_bytes(ca_pem())
+    ca = make_ca(tmp_path, "ca")
     (tmp_path / "token").write_text("eyJ-reader-token\n", encoding="utf-8")
     section = kubernetes(
         issuer="kubernetes/serviceaccount",
         jwks_url="http://127.0.0.1:8443/openid/v1/jwks",
-        jwks_ca_file=str(tmp_path / "ca.crt"),
+        jwks_ca_file=str(ca.cert_file),
         jwks_token_file=str(tmp_path / "token"),
     )
     settings = load(tmp_path, config(section))
     assert loaded_section(settings).jwks_url == "http://127.0.0.1:8443/openid/v1/jwks"
-    assert loaded_section(settings).jwks_ca_file == tmp_path / "ca.crt"
+    assert loaded_section(settings).jwks_ca_file == ca.cert_file
 
 
 def test_no_caller_auth_by_default(tmp_path: Path) -> None:
