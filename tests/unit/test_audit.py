@@ -47,16 +47,22 @@ def check(tmp_path: Path, data: dict[str, Any]) -> list[str]:
     return [text.replace(f"{tmp_path}/", "") for text in caught.value.report]
 
 
-def line(audit: AuditLog, outcome: AuditOutcome = AuditOutcome.ISSUED) -> AuditLine:
-    """A line of a token handed to caller `billing`."""
+def line(
+    audit: AuditLog,
+    outcome: AuditOutcome = AuditOutcome.ISSUED,
+    *,
+    request_id: str | None = None,
+    credential: str = "sha256:1a2b3c4d",
+) -> AuditLine:
+    """A line of a token handed to caller `billing` (with a new request id unless given)."""
     return audit.line(
         event="token.get",
         outcome=outcome,
         status=200,
-        request_id=audit.new_request_id(),
+        request_id=audit.new_request_id() if request_id is None else request_id,
         caller="billing",
         auth="api_key",
-        credential="sha256:1a2b3c4d",
+        credential=credential,
         account="fleet-eu",
         source="local",
         token_hmac=audit.fingerprint("a-token"),
@@ -301,30 +307,19 @@ def test_a_repeated_line_is_the_line_with_its_own_time_and_request_id(tmp_path: 
     line with each request's own time and id, whatever the other fields hold."""
     path = tmp_path / "audit.log"
     audit = AuditLog(FileSink(path), KEY.encode(), fail_closed=True)
-    first = audit.line(
-        event="token.get",
-        outcome=AuditOutcome.ISSUED,
-        status=200,
-        request_id="built-with",
-        caller="billing",
-        auth="api_key",
-        credential='CN=a "quoted", O=\\ unusual',
-        account="fleet-eu",
-        source="local",
-        token_hmac=audit.fingerprint("a-token"),
-    )
+    first = line(audit, request_id="built-with", credential='CN=a "quoted", O=\\ unusual')
     for request_id in ("r-1", "7f1c2a9e-3b1d/4c55+9a0e=2f6b:1c9d.8e21_x"):
         audit.record_repeated("same", lambda: first, request_id)
     audit.close()
     lines = read_lines(path)
-    assert [line["request_id"] for line in lines] == [
+    assert [written["request_id"] for written in lines] == [
         "r-1",
         "7f1c2a9e-3b1d/4c55+9a0e=2f6b:1c9d.8e21_x",
     ]
     expected = json.loads(msgspec.json.encode(first))
-    for line in lines:
-        assert line["time"].endswith("Z")
-        assert {**line, "time": None, "request_id": None} == {
+    for written in lines:
+        assert written["time"].endswith("Z")
+        assert {**written, "time": None, "request_id": None} == {
             **expected,
             "time": None,
             "request_id": None,
