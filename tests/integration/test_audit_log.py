@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import secrets
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ LIFETIME = 60
 def _config(redis_url: str, simulator_url: str, audit: dict[str, Any]) -> dict[str, Any]:
     return {
         "redis_url": redis_url,
+        # A store of its own: a token another test left for the same account would be a cache hit.
+        "key_prefix": f"audit-{secrets.token_hex(4)}",
         "encryption_keys": ENCRYPTION_KEYS,
         "upstream": {"base_url": simulator_url, "auth_rate": {"limit": 1000}},
         # A short lifetime lets a min_ttl force a renewal; renewals are not due before 45 s.
@@ -191,7 +194,7 @@ async def test_every_token_request_is_audited_once(
             outcome,
             200,
         ), rid
-        assert (line["account"], line["source"], line["code"]) == ("fleet-eu", source, None)
+        assert (line["account"], line["source"], line["code"]) == ("fleet-eu", source, None), rid
         assert line["token_hmac"] == _hmac(sent[rid][1]), rid
     assert one("inv")["reported_hmac"] == _hmac(reported)
     assert one("get-1")["level"] == "INFO"
