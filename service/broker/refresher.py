@@ -9,6 +9,7 @@ Monogoto; the others find the new record and go back to sleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -35,7 +36,7 @@ class Refresher:
     def next_refresh_in(self, account: str) -> float:
         """Seconds until this replica should try to renew `account`'s cached token."""
         token = self._broker.state(account).token
-        if token is None:
+        if token is None or self._broker.needs_verification(account):
             return 0.0
         record = token.record
         refresh_at = self._broker.refresh_point(record)
@@ -65,15 +66,22 @@ class Refresher:
             try:
                 await self._broker.refresh(account)
                 failures = 0
+                continue
             except CredentialsRejectedError as error:
-                await asyncio.sleep(error.retry_after or self._refresh.rejected_backoff_seconds)
+                pause = error.retry_after or self._refresh.rejected_backoff_seconds
             except BrokerError as error:
                 failures += 1
-                await asyncio.sleep(self._retry_delay(failures, error.retry_after))
+                pause = self._retry_delay(failures, error.retry_after)
             except Exception:
                 failures += 1
                 log.exception("refresh failed unexpectedly", extra={"account": account})
-                await asyncio.sleep(self._retry_delay(failures, None))
+                pause = self._retry_delay(failures, None)
+            # A change ends the pause early: a new token elsewhere, new credentials, or an
+            # operator's reset of the back-off.
+            changed = self._broker.state(account).changed
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await changed.wait()
 
     @staticmethod
     def _retry_delay(failures: int, retry_after: float | None) -> float:

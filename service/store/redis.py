@@ -16,7 +16,7 @@ from service.claims import fingerprint
 from service.config.models import MAX_RETRY_AFTER_SECONDS
 from service.crypto import EnvelopeError, TokenCipher
 from service.store.base import Change, Saved, Spent, StoreUnavailableError
-from service.store.changes import ChangeFeed, honour_lost_cancellation, notice
+from service.store.changes import ChangeFeed, honour_lost_cancellation, notice, reset_notice
 from service.store.records import FailureRecord, TokenRecord
 from service.store.scripts import (
     COOL_DOWN,
@@ -410,6 +410,13 @@ class RedisStore:
         """Forget the account's credentials-rejected marker."""
         async with self._reaching("while clearing a failure marker"):
             await self._client.delete(self._key(account, "failure"))
+
+    async def reset(self, account: str) -> None:
+        """Delete the account's marker, then publish a reset notice to every replica."""
+        async with self._reaching("while resetting an account"):
+            await self._client.delete(self._key(account, "failure"))
+            # Plain PUBLISH: a Redis Cluster broadcasts it to every node, like write notices.
+            await self._client.publish(self._channel, reset_notice(account))
 
     @property
     def address(self) -> str:
