@@ -102,7 +102,7 @@ def create_app(settings: Settings, *, config: Path | None = None) -> Litestar:
     # With metrics_port, `serve` exposes the metrics there, keeping them off the callers' port.
     metrics = [] if settings.metrics_port is not None else [MetricsController]
     # No router-wide guard: each /v1 controller guards itself (requires_caller, or on the token
-    # routes requires_account_access, which includes it), so a request runs one guard only.
+    # routes `authorise_audited`, which includes it), so a request runs one guard only.
     api = Router(
         path="/v1",
         route_handlers=[AccountController, TokenController],

@@ -161,5 +161,10 @@ async def authorise_audited(connection: Connection, account: str, event: str) ->
 
 
 async def requires_audited_account_access(connection: Connection, _: BaseRouteHandler) -> None:
-    """Guard of the invalidate route: `requires_account_access`, with refusals audited."""
+    """Guard of the invalidate route: `authorise` the caller for the account named in the path
+    (401 or 403 if not), with refusals audited.
+
+    One guard for both checks: Litestar copies the route handler for every guard it runs, on
+    every request (GET token skips guards altogether and calls `authorise_audited` itself).
+    """
     await authorise_audited(connection, connection.path_params["account"], INVALIDATE_EVENT)

@@ -251,14 +251,3 @@ async def authorise(connection: ASGIConnection[Any, Any, Any, Any], account: str
         },
     )
     raise ForbiddenError
-
-
-async def requires_account_access(
-    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
-) -> None:
-    """Guard: `authorise` the caller for the account named in the path (401 or 403 if not).
-
-    One guard for both checks: Litestar copies the route handler for every guard it runs, on
-    every request (GET token skips guards altogether and calls `authorise` itself).
-    """
-    await authorise(connection, connection.path_params["account"])
