@@ -203,7 +203,9 @@ async def test_a_rejection_of_the_old_password_during_a_reload_holds_nothing_bac
         refresh={"rejected_backoff_seconds": 600},
     )
     config = write(tmp_path / "config.yaml", base)
-    sim.set(latency_seconds=3)  # the first login, made as the broker starts, takes its time
+    # The first login, made as the broker starts, takes its time: long enough for the reload
+    # to land while it is under way, even on a loaded machine (within api.max_wait_seconds).
+    sim.set(latency_seconds=6)
     async with serving(config) as broker:
         request = asyncio.create_task(broker.token(key))
 
