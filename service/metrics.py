@@ -63,6 +63,12 @@ CREDENTIALS_REJECTED = Gauge(
     ["account"],
     multiprocess_mode="max",
 )
+ACCOUNT_CREDENTIALS = Gauge(
+    PREFIX + "account_credentials",
+    "1 for the account's credentials state (verified, rejected, unverified), 0 for the others.",
+    ["account", "state"],
+    multiprocess_mode="max",
+)
 STORE_ERRORS = Counter(
     PREFIX + "store_errors_total",
     "Operations on the shared store that failed (Redis unreachable or too slow).",
@@ -116,3 +122,5 @@ def forget_account(account: str) -> None:
         return
     for gauge in (TOKEN_EXPIRY, CREDENTIALS_REJECTED):
         gauge.remove(account)
+    for state in ("verified", "rejected", "unverified"):
+        ACCOUNT_CREDENTIALS.remove(account, state)

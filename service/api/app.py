@@ -14,6 +14,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from service.api.accounts import AccountController
+from service.api.actions import AccountActionController
 from service.api.dependencies import DEPENDENCIES, RUNTIME_STATE_KEY
 from service.api.failure_log import FAILURE_LOG_STATE_KEY, FailureLog
 from service.api.http_metrics import MeteredLitestar
@@ -36,9 +37,10 @@ Callers authenticate with `Authorization: Bearer <caller key>`, or on Kubernetes
 `application/problem+json` with a stable `code`: `invalid_request` (400, 413), `unauthenticated`
 (401), `forbidden` (403, also for accounts that do not exist), `upstream_unavailable` and
 `credentials_rejected` (503, with `Retry-After`), `not_found`, `method_not_allowed` and
-`internal_error`. Operations endpoints (`/healthz`, `/readyz`, `/metrics`) need no caller key.
-With mTLS configured, a request without `Authorization` may authenticate with a client
-certificate instead.
+`internal_error`. Callers configured with `admin: true` may also verify an account's
+credentials and reset its back-off (operator actions). Operations endpoints (`/healthz`,
+`/readyz`, `/metrics`) need no caller key. With mTLS configured, a request without
+`Authorization` may authenticate with a client certificate instead.
 """
 
 
@@ -105,7 +107,7 @@ def create_app(settings: Settings, *, config: Path | None = None) -> Litestar:
     # routes `authorise_audited`, which includes it), so a request runs one guard only.
     api = Router(
         path="/v1",
-        route_handlers=[AccountController, TokenController],
+        route_handlers=[AccountController, AccountActionController, TokenController],
         security=[{_SECURITY_SCHEME: []}],
     )
     return MeteredLitestar(

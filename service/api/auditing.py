@@ -19,6 +19,7 @@ from service.api.security import (
     ForbiddenError,
     UnauthenticatedError,
     authorise,
+    requires_admin,
 )
 from service.audit import AuditLine, AuditLog, AuditOutcome
 from service.broker import BrokerError, IssuedToken
@@ -124,7 +125,9 @@ def audit_failed(
     )
 
 
-def _audit_denied(connection: Connection, account: str, event: str, error: Exception) -> None:
+def _audit_denied(
+    connection: Connection, account: str, event: str, error: Exception, *, action: bool = False
+) -> None:
     audit = audit_log(connection)
     configured = account in connection.app.state[CALLERS_STATE_KEY].accounts
     caller = cast(Caller | None, connection.scope.get("user"))
@@ -132,7 +135,7 @@ def _audit_denied(connection: Connection, account: str, event: str, error: Excep
         status, code, reason, caller = 401, "unauthenticated", str(error), None
     else:
         status, code = 403, "forbidden"
-        reason = "not_allowed" if configured else "unknown_account"
+        reason = "not_admin" if action else "not_allowed" if configured else "unknown_account"
     audit.record(
         audit.line(
             event=event,
@@ -147,8 +150,49 @@ def _audit_denied(connection: Connection, account: str, event: str, error: Excep
             # A name nobody configured is the caller's text: left out, as in the app's logs.
             account=account if configured else None,
             reason=reason,
+            action=action,
         )
     )
+
+
+def audit_action(
+    connection: Connection,
+    caller: Caller,
+    account: str,
+    event: str,
+    outcome: AuditOutcome,
+    *,
+    error: BrokerError | None = None,
+) -> None:
+    """The line of an operator action on a configured account: its outcome, or the error it
+    was answered with."""
+    audit = audit_log(connection)
+    audit.record(
+        audit.line(
+            event=event,
+            outcome=outcome,
+            status=200 if error is None else error.status,
+            code=None if error is None else error.code,
+            request_id=request_id(connection, audit),
+            caller=caller.name,
+            auth=caller.method,
+            credential=_credential(caller),
+            pod=caller.pod,
+            account=account,
+            action=True,
+        )
+    )
+
+
+async def requires_audited_admin(connection: Connection, handler: BaseRouteHandler) -> None:
+    """Guard of the operator actions: `requires_admin` (401 or 403 if not), with refusals
+    audited under the route's event (its `opt["audit_event"]`)."""
+    try:
+        await requires_admin(connection, handler)
+    except (UnauthenticatedError, ForbiddenError) as error:
+        event = handler.opt["audit_event"]
+        _audit_denied(connection, connection.path_params["account"], event, error, action=True)
+        raise
 
 
 async def authorise_audited(connection: Connection, account: str, event: str) -> Caller:

@@ -75,12 +75,16 @@ def problem(
     )
 
 
-def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
-    """OpenAPI `responses` documenting the problems a route may answer."""
+def problem_responses(
+    *statuses: int, descriptions: dict[int, str] | None = None
+) -> dict[int, ResponseSpec]:
+    """OpenAPI `responses` documenting the problems a route may answer; `descriptions`
+    replaces the usual description of a status where the route means something else by it."""
+    described = _DESCRIPTIONS | (descriptions or {})
     return {
         status: ResponseSpec(
             data_container=Problem,
-            description=_DESCRIPTIONS[status],
+            description=described[status],
             media_type=PROBLEM_JSON,
             generate_examples=False,
         )
@@ -104,8 +108,9 @@ def _unauthenticated(_: Request[Any, Any, Any], __: UnauthenticatedError) -> Res
     )
 
 
-def _forbidden(_: Request[Any, Any, Any], __: ForbiddenError) -> Response[bytes]:
-    return problem(403, "forbidden", "This caller may not use this account.")
+def _forbidden(_: Request[Any, Any, Any], error: ForbiddenError) -> Response[bytes]:
+    # Only the broker's own fixed texts are messages of this error.
+    return problem(403, "forbidden", str(error) or "This caller may not use this account.")
 
 
 def _invalid_request_detail(request: Request[Any, Any, Any], error: HTTPException) -> str:

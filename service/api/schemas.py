@@ -12,7 +12,7 @@ from typing import Annotated
 
 import msgspec
 
-from service.broker import AccountStatus, AccountView, IssuedToken
+from service.broker import AccountStatus, AccountView, CredentialsStatus, IssuedToken
 from service.config import Dialect
 
 _BEARER = "Bearer"  # the only token type Monogoto issues
@@ -74,6 +74,7 @@ class AccountBody(msgspec.Struct):
     expires_at: str | None
     last_refresh_at: str | None
     last_error: str | None
+    credentials: CredentialsStatus
 
     @classmethod
     def of(cls, view: AccountView) -> AccountBody:
@@ -85,7 +86,16 @@ class AccountBody(msgspec.Struct):
             expires_at=_utc_iso_or_none(view.expires_at),
             last_refresh_at=_utc_iso_or_none(view.last_refresh_at),
             last_error=view.last_error,
+            credentials=view.credentials,
         )
+
+
+class VerifiedBody(msgspec.Struct):
+    """The outcome of a login made to verify an account's configured credentials."""
+
+    account: str
+    credentials: CredentialsStatus
+    detail: str
 
 
 class AccountsBody(msgspec.Struct):

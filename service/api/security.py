@@ -41,7 +41,11 @@ class UnauthenticatedError(Exception):
 
 
 class ForbiddenError(Exception):
-    """The caller may not use this account, or the account does not exist (403)."""
+    """The caller may not use this account, or the account does not exist (403); or, with
+    `ADMIN_ONLY` as its message, the caller is not an admin."""
+
+
+ADMIN_ONLY = "Only callers configured with admin: true may do this."
 
 
 class AuthMethod(StrEnum):
@@ -60,6 +64,7 @@ class Caller:
     of several while the key is rotated), the `namespace/name` of its ServiceAccount, or its
     client certificate's subject. `pod` is the pod a ServiceAccount token is bound to, if any.
     A key digest identifies a key, so it stays out of metrics and logs (they use `name`).
+    `admin` callers may use the operator actions on every configured account.
     """
 
     name: str
@@ -67,6 +72,7 @@ class Caller:
     credential: str
     method: AuthMethod = AuthMethod.API_KEY
     pod: str | None = None
+    admin: bool = False
 
 
 class CallerDirectory:
@@ -87,17 +93,21 @@ class CallerDirectory:
         self._by_subject: dict[str, Caller] = {}
         # namespace/name -> the caller's name and the accounts it may use
         self._by_service_account: dict[str, tuple[str, frozenset[str]]] = {}
+        self._admins = frozenset(name for name, settings in callers.items() if settings.admin)
         for name, settings in callers.items():
             allowed = frozenset(account for account in accounts if settings.allows(account))
             # Every digest of a caller (several while its key is rotated) finds that caller.
             for digest in settings.key_digests():
-                self._by_digest[digest] = Caller(name=name, accounts=allowed, credential=digest)
+                self._by_digest[digest] = Caller(
+                    name=name, accounts=allowed, credential=digest, admin=settings.admin
+                )
             for subject in settings.client_subjects or ():
                 self._by_subject[subject] = Caller(
                     name=name,
                     accounts=allowed,
                     credential=subject,
                     method=AuthMethod.CLIENT_CERTIFICATE,
+                    admin=settings.admin,
                 )
             for service_account in settings.service_accounts or ():
                 self._by_service_account[service_account] = (name, allowed)
@@ -166,6 +176,7 @@ class CallerDirectory:
             credential=identity.service_account,
             method=AuthMethod.SERVICE_ACCOUNT,
             pod=identity.pod,
+            admin=name in self._admins,
         )
 
 
@@ -227,6 +238,26 @@ async def requires_caller(
     Litestar runs a plain-function guard in a worker thread.
     """
     await _identify(connection)
+
+
+async def requires_admin(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
+    """Guard: identify the caller (else 401) and require that it is an admin (else 403)."""
+    caller = await _identify(connection)
+    if caller.admin:
+        return
+    CALLER_AUTH_FAILURES.labels("forbidden").inc()
+    log.warning(
+        "operator action denied",
+        extra={
+            "event": "account.action_denied",
+            "caller": caller.name,
+            "route": connection.scope.get("path_template"),
+            "reason": "not_admin",
+        },
+    )
+    raise ForbiddenError(ADMIN_ONLY)
 
 
 async def authorise(connection: ASGIConnection[Any, Any, Any, Any], account: str) -> Caller:

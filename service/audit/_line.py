@@ -18,6 +18,10 @@ class AuditOutcome(StrEnum):
     INVALIDATED = "invalidated"  # a reported token was answered with a current one
     DENIED = "denied"  # 401 or 403: the caller is unknown or may not use the account
     FAILED = "failed"  # the broker could not serve it (503, 429, 400)
+    # Operator actions (admin callers):
+    VERIFIED = "verified"  # a login with the configured credentials succeeded
+    REJECTED = "rejected"  # Monogoto refused them (now, or a rejection still in force)
+    RESET = "reset"  # the account's rejection and back-off were cleared
 
 
 class AuditLine(msgspec.Struct, kw_only=True, gc=False):
@@ -56,10 +60,19 @@ MESSAGES = {
     AuditOutcome.INVALIDATED: "token invalidated",
     AuditOutcome.DENIED: "token request denied",
     AuditOutcome.FAILED: "token request failed",
+    AuditOutcome.VERIFIED: "account credentials verified",
+    AuditOutcome.REJECTED: "account credentials rejected",
+    AuditOutcome.RESET: "account reset",
+}
+# Refusals and failures of an operator action say so, not "token request ...".
+ACTION_MESSAGES = {
+    AuditOutcome.DENIED: "operator action denied",
+    AuditOutcome.FAILED: "operator action failed",
 }
 LEVELS = dict.fromkeys(AuditOutcome, "INFO") | {
     AuditOutcome.DENIED: "WARNING",
     AuditOutcome.FAILED: "WARNING",
+    AuditOutcome.REJECTED: "WARNING",
 }
 
 

@@ -15,7 +15,15 @@ from collections.abc import Callable, Hashable, Iterator
 import msgspec
 from prometheus_client import Counter
 
-from service.audit._line import LEVELS, MESSAGES, AuditLine, AuditOutcome, Clock, Template
+from service.audit._line import (
+    ACTION_MESSAGES,
+    LEVELS,
+    MESSAGES,
+    AuditLine,
+    AuditOutcome,
+    Clock,
+    Template,
+)
 from service.audit._sink import ATOMIC_WRITE_BYTES, Sink
 from service.broker import BrokerError
 from service.metrics import AUDIT_LINES, AUDIT_WRITE_FAILURES
@@ -150,12 +158,15 @@ class AuditLog:
         token_hmac: str | None = None,
         reported_hmac: str | None = None,
         reason: str | None = None,
+        action: bool = False,
     ) -> AuditLine:
-        """A line with these fields, stamped with the time, level, message and replica."""
+        """A line with these fields, stamped with the time, level, message and replica; with
+        `action`, the line of an operator action rather than a token request."""
+        messages = MESSAGES | ACTION_MESSAGES if action else MESSAGES
         return AuditLine(
             time=self._clock.now(),
             level=LEVELS[outcome],
-            message=MESSAGES[outcome],
+            message=messages[outcome],
             event=event,
             outcome=outcome,
             status=status,

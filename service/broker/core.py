@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from service.broker.budget import URGENCY, Urgency
 from service.broker.model import (
     AccountView,
+    CredentialsRejectedError,
+    CredentialsStatus,
     InvalidRequestError,
     IssuedToken,
     Outcome,
@@ -23,7 +25,12 @@ from service.broker.state import AccountState
 from service.claims import fingerprint
 from service.config import Account, RefreshSettings
 from service.metrics import LOCK_WAIT, STORE_ERRORS, forget_account
-from service.store import StoreUnavailableError, TokenRecord, TokenStore
+from service.store import (
+    StoreUnavailableError,
+    TokenRecord,
+    TokenStore,
+    credentials_fingerprint,
+)
 from service.upstream import MonogotoClient
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,15 @@ STORE_RETRY_AFTER_SECONDS = 5.0
 STILL_OBTAINING_RETRY_AFTER_SECONDS = 5.0
 # A caller may force one renewal of an account per this interval (Monogoto's own window).
 FORCED_RENEWAL_INTERVAL_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """The outcome of an operator's verification: `credentials` is `verified` or `rejected`."""
+
+    account: str
+    credentials: CredentialsStatus
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +89,12 @@ class TokenBroker:
         self._client = client
         self._timing = timing
         self._names = tuple(accounts)
-        self._states = {name: AccountState() for name in accounts}
+        self._states = {
+            name: AccountState(credentials_fingerprint(account.username, account.password))
+            for name, account in accounts.items()
+        }
+        for name, state in self._states.items():
+            state.publish(name)
         self._renewer = Renewer(accounts, refresh, store, client, self._states)
         # Per account: the obtain in flight, and the caller it charges a forced renewal to.
         self._flights: dict[str, tuple[asyncio.Future[tuple[TokenRecord, Outcome]], str | None]]
@@ -85,7 +106,9 @@ class TokenBroker:
         A removed account's renewal in progress is cancelled and its requests get 403, like an
         unknown account's; an added one starts without a token. An account whose credentials
         changed forgets the rejection and back-off of the old ones in this process (the shared
-        rejection marker names the credentials it applies to). Everyone waiting for a change
+        rejection marker names the credentials it applies to) and, unless its current token was
+        obtained with the new ones, has them verified at once by one login, which the account's
+        lock and the shared budget make one for the whole fleet. Everyone waiting for a change
         looks again: refresh points may have moved.
         """
         for name in self._accounts.keys() - accounts.keys():
@@ -94,12 +117,21 @@ class TokenBroker:
                 flight.cancel()
             del self._states[name]
             forget_account(name)
-        for name in accounts.keys() - self._accounts.keys():
-            self._states[name] = AccountState()
+        for name, account in accounts.items():
+            credentials = credentials_fingerprint(account.username, account.password)
+            state = self._states.get(name)
+            if state is None:
+                self._states[name] = AccountState(credentials)
+                self._states[name].publish(name)
+            elif credentials != state.credentials:
+                log.info(
+                    "account credentials changed; verifying them",
+                    extra={"event": "credentials.changed", "account": name},
+                )
+                state.credentials_changed(name, credentials)
         self._accounts, self._names = accounts, tuple(accounts)
         self._refresh, self._timing = refresh, timing
-        for name in self._renewer.apply(accounts, refresh):
-            self._states[name].credentials_changed(name)
+        self._renewer.apply(accounts, refresh)
         for state in self._states.values():
             state.notify()
 
@@ -193,9 +225,58 @@ class TokenBroker:
         return issued
 
     async def refresh(self, account: str) -> Outcome:
-        """Renew `account` if its token is due (or missing); SHARED if another replica did."""
-        _, outcome = await self._obtain(account, lambda record: not self.due(record))
+        """Renew `account` if its token is due (or missing), or if its configured credentials
+        are still to be verified; SHARED if another replica did."""
+        state = self._states[account]
+        _, outcome = await self._obtain(
+            account, lambda record: not self.due(record) and not state.needs_login(record)
+        )
         return outcome
+
+    def needs_verification(self, account: str) -> bool:
+        """Whether the configured credentials of `account` are to be verified by a login now
+        (they differ from those its current token was obtained with)."""
+        state = self._states[account]
+        return state.token is not None and state.needs_login(state.token.record)
+
+    async def verify(self, account: str) -> Verified:
+        """Log in with `account`'s configured credentials now (an operator asked), within the
+        shared budget and under the account's lock; a login another task of this process or
+        another replica makes meanwhile with the same credentials counts. Raises
+        UpstreamUnavailableError when no answer can be had."""
+        state = self._states[account]
+        started = time.time()
+
+        def verified(record: TokenRecord) -> bool:
+            return record.credentials == state.credentials and record.obtained_at >= started
+
+        try:
+            await self._waited(self._obtain(account, verified, verify=True))
+        except CredentialsRejectedError as error:
+            detail = error.detail
+            if error.retry_after:
+                detail += f"; not tried again for {error.retry_after:.0f} s unless reset"
+            return Verified(account, CredentialsStatus.REJECTED, detail)
+        return Verified(
+            account, CredentialsStatus.VERIFIED, "Monogoto accepted the configured credentials"
+        )
+
+    async def reset(self, account: str) -> None:
+        """Clear `account`'s rejection marker and back-off, in the store and, through a notice
+        on the change channel, in every replica (an operator asked)."""
+        try:
+            await self._store.reset(account)
+        except StoreUnavailableError:
+            STORE_ERRORS.labels("reset").inc()
+            raise UpstreamUnavailableError(
+                "the token store is unavailable; the account cannot be reset now",
+                retry_after=STORE_RETRY_AFTER_SECONDS,
+            ) from None
+        self.forget_failures(account)
+
+    def forget_failures(self, account: str) -> None:
+        """Clear this process's rejection and back-off of `account` (a reset was announced)."""
+        self._states[account].clear_failures(account)
 
     def _issue(self, account: str, record: TokenRecord, outcome: Outcome) -> IssuedToken:
         """The cached token after an obtain; 503 if it cannot be served (the store offered a
@@ -327,13 +408,15 @@ class TokenBroker:
         take_fetched: bool = False,
         revoke: str | None = None,
         forced_by: str | None = None,
+        verify: bool = False,
     ) -> tuple[TokenRecord, Outcome]:
         """One in-flight obtain per account in this process; late callers share its result.
 
         A joiner whose `wanted` the shared result does not meet starts the next round, unless
         `take_fetched` and the result came from Monogoto just now: a token that new is as good
         as any will be, and asking again would only repeat the call. `forced_by` names the
-        caller a renewal is charged to when it was forced (see `get`).
+        caller a renewal is charged to when it was forced (see `get`). With `verify`, the
+        renewal is a login (see `verify`).
         """
         while True:
             flight, owner = self._flights.get(account, (None, None))
@@ -341,7 +424,9 @@ class TokenBroker:
             # and awaiting it again would spin without ever yielding to the loop.
             if flight is None or flight.done():
                 flight = asyncio.ensure_future(
-                    self._obtain_once(account, wanted, revoke=revoke, forced_by=forced_by)
+                    self._obtain_once(
+                        account, wanted, revoke=revoke, forced_by=forced_by, verify=verify
+                    )
                 )
                 self._flights[account] = (flight, forced_by)
                 flight.add_done_callback(lambda done: self._landed(account, done))
@@ -383,7 +468,13 @@ class TokenBroker:
             flight.cancel()
 
     async def _obtain_once(
-        self, account: str, wanted: Wanted, *, revoke: str | None, forced_by: str | None
+        self,
+        account: str,
+        wanted: Wanted,
+        *,
+        revoke: str | None,
+        forced_by: str | None,
+        verify: bool = False,
     ) -> tuple[TokenRecord, Outcome]:
         # This task's own context: the budget sees how urgent its upstream attempts are.
         URGENCY.set(Urgency.NEEDED if forced_by is None else Urgency.FORCED)
@@ -396,7 +487,9 @@ class TokenBroker:
             held = await self._lock(account, wanted)
             if isinstance(held, TokenRecord):
                 return self._adopted(account, held, Outcome.SHARED)
-            record, outcome = await self._obtain_locked(account, wanted, held, revoke, forced_by)
+            record, outcome = await self._obtain_locked(
+                account, wanted, held, revoke, forced_by, verify=verify
+            )
             return self._adopted(account, record, outcome)
         except StoreUnavailableError:
             return self._without_store(account, wanted)
@@ -449,6 +542,8 @@ class TokenBroker:
         lock: str,
         revoke: str | None,
         forced_by: str | None,
+        *,
+        verify: bool = False,
     ) -> tuple[TokenRecord, Outcome]:
         state = self._states[account]
         state.refreshing = True
@@ -468,7 +563,10 @@ class TokenBroker:
                 and record is not None
                 and record.access_token.get_secret_value() == revoke
             )
-            renewed = await self._renewer.renew(account, record, lock=lock, revoke=revoked)
+            verify = verify or (record is not None and state.needs_login(record))
+            renewed = await self._renewer.renew(
+                account, record, lock=lock, revoke=revoked, verify=verify
+            )
             return renewed, Outcome.FETCHED
         finally:
             watchdog.cancel()

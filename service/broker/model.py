@@ -30,6 +30,15 @@ class AccountStatus(StrEnum):
     NO_TOKEN = "no_token"  # noqa: S105 (a status name, not a secret)
 
 
+class CredentialsStatus(StrEnum):
+    """Whether Monogoto accepts the account's configured username and password, as far as
+    the broker knows (`credentials` in `/v1/accounts`)."""
+
+    VERIFIED = "verified"  # the current token came from a login with them
+    REJECTED = "rejected"  # Monogoto refused them, and nothing has shown them good since
+    UNVERIFIED = "unverified"  # not known yet
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedToken:
     """A token handed to a caller. Times are wall-clock seconds."""
@@ -53,6 +62,7 @@ class AccountView:
     expires_at: float | None
     last_refresh_at: float | None
     last_error: str | None
+    credentials: CredentialsStatus = CredentialsStatus.UNVERIFIED
 
 
 class BrokerError(Exception):
@@ -75,6 +85,13 @@ class CredentialsRejectedError(BrokerError):
     """Monogoto rejects this account's credentials; nobody retries before `retry_after`."""
 
     code = "credentials_rejected"
+
+
+class NoSuchAccountError(BrokerError):
+    """No account of that name is configured (operator actions only: callers are told 403)."""
+
+    code = "not_found"
+    status = 404
 
 
 class InvalidRequestError(BrokerError):

@@ -36,7 +36,7 @@ class Refresher:
     def next_refresh_in(self, account: str) -> float:
         """Seconds until this replica should try to renew `account`'s cached token."""
         token = self._broker.state(account).token
-        if token is None:
+        if token is None or self._broker.needs_verification(account):
             return 0.0
         record = token.record
         refresh_at = self._broker.refresh_point(record)
@@ -66,21 +66,21 @@ class Refresher:
             try:
                 await self._broker.refresh(account)
                 failures = 0
+                continue
             except CredentialsRejectedError as error:
-                # Woken early by a change of the account: its credentials may have been
-                # reloaded (the rejection is then gone), or another replica obtained a token.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(
-                        error.retry_after or self.refresh.rejected_backoff_seconds
-                    ):
-                        await changed.wait()
+                pause = error.retry_after or self.refresh.rejected_backoff_seconds
             except BrokerError as error:
                 failures += 1
-                await asyncio.sleep(self._retry_delay(failures, error.retry_after))
+                pause = self._retry_delay(failures, error.retry_after)
             except Exception:
                 failures += 1
                 log.exception("refresh failed unexpectedly", extra={"account": account})
-                await asyncio.sleep(self._retry_delay(failures, None))
+                pause = self._retry_delay(failures, None)
+            # A change since the attempt began ends the pause early: a new token elsewhere,
+            # reloaded credentials, or an operator's reset of the back-off.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await changed.wait()
 
     @staticmethod
     def _retry_delay(failures: int, retry_after: float | None) -> float:

@@ -21,7 +21,6 @@ from service.store import (
     StoreUnavailableError,
     TokenRecord,
     TokenStore,
-    credentials_fingerprint,
 )
 from service.upstream import MonogotoClient, TokenGrant, UpstreamError
 from service.upstream import errors as upstream_errors
@@ -53,30 +52,16 @@ class Renewer:
         self._store = store
         self._client = client
         self._states = states
-        self._credentials = {
-            name: credentials_fingerprint(account.username, account.password)
-            for name, account in accounts.items()
-        }
         # Per account: fingerprints of the refresh tokens this process sent (or was about to),
         # and until when to remember them. Kept here as well as in the store, because a store
         # that goes back in time forgets them along with the records that spent them.
         self._spent: dict[str, dict[str, float]] = {name: {} for name in accounts}
 
-    def apply(self, accounts: dict[str, Account], refresh: RefreshSettings) -> list[str]:
-        """Take a reloaded configuration (`states` already has an entry per account); the
-        accounts whose credentials changed."""
-        credentials = {
-            name: credentials_fingerprint(account.username, account.password)
-            for name, account in accounts.items()
-        }
-        changed = [
-            name
-            for name, fingerprint in credentials.items()
-            if name in self._credentials and self._credentials[name] != fingerprint
-        ]
+    def apply(self, accounts: dict[str, Account], refresh: RefreshSettings) -> None:
+        """Take a reloaded configuration (`states` already has an entry per account, with the
+        fingerprint of its configured credentials)."""
         self._spent = {name: self._spent.get(name, {}) for name in accounts}
-        self._accounts, self._refresh, self._credentials = accounts, refresh, credentials
-        return changed
+        self._accounts, self._refresh = accounts, refresh
 
     def trusted(self, account: str, record: TokenRecord) -> TokenRecord:
         """`record` without its refresh token if this process knows that token to be spent."""
@@ -109,24 +94,34 @@ class Renewer:
                 failure = FailureRecord(
                     detail=state.last_error or "credentials rejected",
                     retry_at=state.rejected_until,
-                    credentials=self._credentials[account],
+                    credentials=state.credentials,
                 )
                 await self._store.save_failure(account, failure)
 
     async def renew(
-        self, account: str, current: TokenRecord | None, *, lock: str, revoke: bool = False
+        self,
+        account: str,
+        current: TokenRecord | None,
+        *,
+        lock: str,
+        revoke: bool = False,
+        verify: bool = False,
     ) -> TokenRecord:
         """A new record replacing `current`, written and published; raises BrokerError.
 
         `lock` is the account's lock, held by the caller: the notes written before Monogoto is
         called are fenced with it. With `revoke`, `current`'s access token is revoked first.
+        With `verify`, the renewal is a login whatever refresh token `current` holds: it proves
+        the configured credentials, and its outcome is logged as such.
         """
         state = self._states[account]
         offered = current.grant() if current else None
-        if current is not None and (current.refresh_token is not None or revoke):
+        if current is not None and (revoke or (current.refresh_token is not None and not verify)):
             current, offered = await self._note(account, current, lock, revoke=revoke)
+        if verify:
+            offered = None  # the refresh token stays in the record, unsent
         # Taken before the call: a reload may change the credentials while it runs.
-        credentials = self._credentials[account]
+        credentials = state.credentials
         try:
             grant = await self._client.renew(self._accounts[account], offered)
         except UpstreamError as error:
@@ -134,12 +129,24 @@ class Renewer:
             if current is not None and refresh_token is not None and not error.refresh_token_spent:
                 # The refresh certainly never reached Monogoto: its token is still good.
                 await self._keep_refresh_token(account, current, refresh_token, lock)
-            raise await self._failed(account, error, credentials) from None
+            failure = await self._failed(account, error, credentials)
+            if verify:
+                self._log_verification(account, error)
+            raise failure from None
         local = state.token
         replaces = max(current.version if current else 0, local.record.version if local else 0)
-        record = TokenRecord.from_grant(grant, replaces=replaces, now=time.time())
+        # A refresh continues the line of the login that began it, and proves nothing new.
+        obtained_with: str | None = credentials
+        if not grant.by_login:
+            obtained_with = None if current is None else current.credentials
+        record = TokenRecord.from_grant(
+            grant, replaces=replaces, now=time.time(), credentials=obtained_with
+        )
+        if verify:
+            self._log_verification(account, None)
         try:
-            if state.rejected_until:
+            if state.rejected_until or verify:
+                # Also a marker left for credentials configured before: it is of no use now.
                 await self._store.clear_failure(account)
             if not await self._store.save(account, record):
                 # Someone wrote a newer record while we worked (a lease outlived): prefer it.
@@ -165,7 +172,7 @@ class Renewer:
     async def check_rejected(self, account: str) -> None:
         """Raise while the account's credentials are known to be rejected, here or elsewhere."""
         failure = await self._store.load_failure(account)
-        if failure is not None and failure.applies_to(self._credentials[account]):
+        if failure is not None and failure.applies_to(self._states[account].credentials):
             self._states[account].rejected(account, failure)
         self.raise_if_rejected(account)
 
@@ -182,6 +189,30 @@ class Renewer:
         if wait > 0:
             raise CredentialsRejectedError(
                 "Monogoto rejected this account's credentials", retry_after=wait
+            )
+
+    @staticmethod
+    def _log_verification(account: str, error: UpstreamError | None) -> None:
+        """One line per login made to verify an account's credentials, with its outcome."""
+        if error is None:
+            log.info(
+                "credentials verified: Monogoto accepted them",
+                extra={"event": "credentials.verify", "account": account, "outcome": "verified"},
+            )
+        elif isinstance(error, upstream_errors.CredentialsRejectedError):
+            log.warning(
+                "credentials verification: Monogoto rejected them",
+                extra={"event": "credentials.verify", "account": account, "outcome": "rejected"},
+            )
+        else:
+            log.warning(
+                "credentials verification could not be made; it will be retried",
+                extra={
+                    "event": "credentials.verify",
+                    "account": account,
+                    "outcome": "unavailable",
+                    "reason": error.detail,
+                },
             )
 
     async def _failed(self, account: str, error: UpstreamError, credentials: str) -> Exception:
@@ -212,7 +243,7 @@ class Renewer:
         failure = FailureRecord(
             detail=error.detail, retry_at=time.time() + backoff, credentials=credentials
         )
-        reloaded = credentials != self._credentials.get(account)
+        reloaded = credentials != self._states[account].credentials
         if reloaded:
             # A config reload changed the credentials while Monogoto refused the old ones: the
             # marker holds back only replicas that still have those; these are tried next.

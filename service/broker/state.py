@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 
-from service.broker.model import AccountStatus, AccountView, IssuedToken, Outcome
+from service.broker.model import (
+    AccountStatus,
+    AccountView,
+    CredentialsStatus,
+    IssuedToken,
+    Outcome,
+)
 from service.config import Dialect
-from service.metrics import CREDENTIALS_REJECTED, TOKEN_EXPIRY
+from service.metrics import ACCOUNT_CREDENTIALS, CREDENTIALS_REJECTED, TOKEN_EXPIRY
 from service.store import FailureRecord, TokenRecord
 
 
@@ -51,10 +58,26 @@ class LocalToken:
         )
 
 
+class Verification(Enum):
+    """Whether this process has yet to verify the account's configured credentials."""
+
+    # At start-up: the first record seen decides. One obtained with other credentials needs a
+    # verification; one from a broker that did not fingerprint them (or none) does not.
+    FIRST_RECORD = "first_record"
+    # The credentials differ from those the current record was obtained with: the record is
+    # due at once, and its renewal is a login with the configured credentials.
+    PENDING = "pending"
+    DONE = "done"
+
+
 @dataclass(slots=True)
 class AccountState:
-    """One account as this process sees it."""
+    """One account as this process sees it.
 
+    `credentials` is the fingerprint of the configured username and password.
+    """
+
+    credentials: str = ""
     token: LocalToken | None = None
     refreshing: bool = False
     last_refresh_at: float | None = None
@@ -65,6 +88,9 @@ class AccountState:
     rejected_since: float = 0.0
     # After a transient failure, no new attempt from this process before this (monotonic).
     retry_at: float = 0.0
+    verification: Verification = Verification.FIRST_RECORD
+    # Monogoto refused the configured credentials, and nothing has shown them good since.
+    credentials_rejected: bool = False
     # Replaced by a fresh event on every change; waiters hold the one current when they looked.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -88,11 +114,50 @@ class AccountState:
                 if self.rejected_until and record.obtained_at > self.rejected_since:
                     self.rejected_until = 0.0
                     CREDENTIALS_REJECTED.labels(account).set(0)
+                if record.credentials == self.credentials:
+                    self.credentials_rejected = False
             self.token = LocalToken(account, record, record.access_token.get_secret_value())
+            self._verified_by(record)
             # A revoked token is served no more: for alerts, it expired.
             TOKEN_EXPIRY.labels(account).set(record.usable_until)
+            self.publish(account)
             self.notify()
         return self.token
+
+    def _verified_by(self, record: TokenRecord) -> None:
+        """Settle what `record` says about the configured credentials."""
+        if record.credentials == self.credentials:
+            self.verification = Verification.DONE
+        elif self.verification is Verification.FIRST_RECORD:
+            known = record.credentials is not None
+            self.verification = Verification.PENDING if known else Verification.DONE
+
+    def needs_login(self, record: TokenRecord) -> bool:
+        """Whether `record` is to be replaced by a login that verifies the credentials."""
+        return self.verification is Verification.PENDING and record.credentials != self.credentials
+
+    def credentials_changed(self, account: str, credentials: str) -> None:
+        """The configured credentials are now those of fingerprint `credentials`: forget what
+        was known of the old ones (their rejection, any back-off) and verify the new ones
+        unless the current record was obtained with them."""
+        self.credentials = credentials
+        token = self.token
+        if token is None:
+            self.verification = Verification.FIRST_RECORD
+        elif token.record.credentials == credentials:
+            self.verification = Verification.DONE
+        else:
+            self.verification = Verification.PENDING
+        self.clear_failures(account)  # wakes the Refresher: a verification is due at once
+
+    def clear_failures(self, account: str) -> None:
+        """Forget rejections and back-offs: the next renewal may call Monogoto at once."""
+        self.rejected_until = self.rejected_since = self.retry_at = 0.0
+        self.last_error = None
+        self.credentials_rejected = False
+        CREDENTIALS_REJECTED.labels(account).set(0)
+        self.publish(account)
+        self.notify()
 
     def notify(self) -> None:
         """Wake everyone waiting for a change of this account."""
@@ -112,17 +177,24 @@ class AccountState:
                 self.rejected_since = time.time()
             self.rejected_until = failure.retry_at
         self.last_error = failure.detail
+        self.credentials_rejected = True
         CREDENTIALS_REJECTED.labels(account).set(1)
+        self.publish(account)
 
-    def credentials_changed(self, account: str) -> None:
-        """The account's configured credentials changed: a rejection or back-off this process
-        holds applied to the old ones, so the next renewal may try the new ones at once."""
-        self.rejected_until = 0.0
-        self.rejected_since = 0.0
-        self.retry_at = 0.0
-        self.last_error = None
-        CREDENTIALS_REJECTED.labels(account).set(0)
-        self.notify()
+    def credentials_status(self) -> CredentialsStatus:
+        """What is known of the configured credentials."""
+        if self.credentials_rejected:
+            return CredentialsStatus.REJECTED
+        token = self.token
+        if token is not None and token.record.credentials == self.credentials:
+            return CredentialsStatus.VERIFIED
+        return CredentialsStatus.UNVERIFIED
+
+    def publish(self, account: str) -> None:
+        """Set the account's `account_credentials` gauge: 1 for its state, 0 for the others."""
+        current = self.credentials_status()
+        for status in CredentialsStatus:
+            ACCOUNT_CREDENTIALS.labels(account, status).set(1 if status is current else 0)
 
     def status(self) -> AccountStatus:
         """The account's status for `/v1/accounts`."""
@@ -146,4 +218,5 @@ class AccountState:
             expires_at=None if token is None else token.expires_at,
             last_refresh_at=self.last_refresh_at,
             last_error=self.last_error,
+            credentials=self.credentials_status(),
         )

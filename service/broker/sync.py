@@ -105,7 +105,13 @@ class StoreSync:
             try:
                 async for change in self._store.changes():
                     backoff = RESUBSCRIBE_MIN_SECONDS
-                    if change.account in self._broker.names and (
+                    if change.reset and change.account in self._broker.names:
+                        log.info(
+                            "account reset by an operator; back-off cleared",
+                            extra={"event": "account.reset_seen", "account": change.account},
+                        )
+                        self._broker.forget_failures(change.account)
+                    elif change.account in self._broker.names and (
                         change.version > self._broker.state(change.account).version
                     ):
                         await self.pull(change.account, change.version)

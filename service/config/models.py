@@ -16,6 +16,7 @@ from pydantic import (
     ModelWrapValidatorHandler,
     PrivateAttr,
     SecretStr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -77,9 +78,11 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans(cls, value: object) -> object:
-        # No section field is a flag: YAML's `true` would otherwise pass as the number 1.
-        if isinstance(value, bool):
+    def _no_booleans(cls, value: object, info: ValidationInfo) -> object:
+        # Only a field declared as a flag takes one: YAML's `true` would otherwise pass as the
+        # number 1.
+        flag = cls.model_fields[str(info.field_name)].annotation is bool
+        if isinstance(value, bool) and not flag:
             raise ValueError("must not be true or false")
         return value
 
@@ -199,6 +202,8 @@ class CallerSettings(_Section):
     client_subjects: list[ClientSubject] | None = None
     service_accounts: list[ServiceAccountName] | None = None
     accounts: list[str]
+    # May use the operator actions (verify, reset) on every configured account.
+    admin: bool = False
     # Lowercase hex digests, in the configured order (none for a caller without keys); filled
     # in by `_read_digests`.
     _digests: tuple[str, ...] | None = PrivateAttr(default=None)

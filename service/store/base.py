@@ -25,10 +25,12 @@ class StoreUnavailableError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """A published write: `account` now holds the record of `version`."""
+    """A published write: `account` now holds the record of `version`. With `reset`, an
+    operator cleared the account's rejection and back-off instead (`version` is 0)."""
 
     account: str
     version: int
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +142,11 @@ class TokenStore(Protocol):
 
     async def clear_failure(self, account: str) -> None:
         """Forget the credentials-rejected marker (a login succeeded)."""
+        ...
+
+    async def reset(self, account: str) -> None:
+        """Forget the credentials-rejected marker and publish a reset notice (`Change.reset`),
+        so that every replica forgets its own rejection and back-off of the account."""
         ...
 
     async def topology(self) -> Survey:

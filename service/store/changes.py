@@ -27,9 +27,18 @@ def honour_lost_cancellation() -> None:
         raise asyncio.CancelledError
 
 
+# The word a reset notice carries where a write's notice has its version.
+RESET = "reset"
+
+
 def notice(account: str, version: int) -> str:
     """The message published on the change channel for a write."""
     return f"{account} {version}"
+
+
+def reset_notice(account: str) -> str:
+    """The message published on the change channel when an operator resets an account."""
+    return f"{account} {RESET}"
 
 
 class ChangeFeed:
@@ -141,6 +150,8 @@ def _parse_notice(data: object) -> Change | None:
         account, _, version = data.decode().rpartition(" ")
     except UnicodeDecodeError:
         return None
+    if account and version == RESET:
+        return Change(account=account, version=0, reset=True)
     if not account or not version.isascii() or not version.isdigit():
         return None
     return Change(account=account, version=int(version))

@@ -185,6 +185,12 @@ class MemoryStore:
         """Forget the account's credentials-rejected marker."""
         self._failures.pop(account, None)
 
+    async def reset(self, account: str) -> None:
+        """Forget the account's marker and tell every subscriber of the reset."""
+        await self.clear_failure(account)
+        for queue in self._subscribers:
+            queue.put_nowait(Change(account=account, version=0, reset=True))
+
     @property
     def address(self) -> str:
         """This process."""

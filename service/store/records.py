@@ -23,6 +23,10 @@ class TokenRecord:
 
     `revoked` marks an access token a caller reported as rejected by Monogoto: no replica serves
     it again, and replacing it is a renewal every replica sees as due.
+
+    `credentials` is the fingerprint (`credentials_fingerprint`) of the username and password
+    whose login began this record's line: a login sets it, a refresh keeps it. None for records
+    written before fingerprints existed (unknown).
     """
 
     version: int
@@ -33,6 +37,7 @@ class TokenRecord:
     expires_at: float
     refresh_expires_at: float | None = None
     revoked: bool = False
+    credentials: str | None = None
 
     @property
     def lifetime(self) -> float:
@@ -45,8 +50,11 @@ class TokenRecord:
         return 0.0 if self.revoked else self.expires_at
 
     @classmethod
-    def from_grant(cls, grant: TokenGrant, *, replaces: int, now: float) -> TokenRecord:
-        """A record for a new grant that supersedes the record of version `replaces`."""
+    def from_grant(
+        cls, grant: TokenGrant, *, replaces: int, now: float, credentials: str | None = None
+    ) -> TokenRecord:
+        """A record for a new grant that supersedes the record of version `replaces`, obtained
+        with the credentials of fingerprint `credentials`."""
         return cls(
             version=max(replaces + 1, int(now * 1000)),
             access_token=grant.access_token,
@@ -55,6 +63,7 @@ class TokenRecord:
             obtained_at=grant.requested_at,
             expires_at=grant.expires_at,
             refresh_expires_at=grant.refresh_expires_at,
+            credentials=credentials,
         )
 
     def grant(self) -> TokenGrant:
@@ -85,6 +94,7 @@ class TokenRecord:
                 "expires_at": self.expires_at,
                 "refresh_expires_at": self.refresh_expires_at,
                 "revoked": self.revoked,
+                "credentials": self.credentials,
             },
             separators=(",", ":"),
         ).encode()
@@ -106,6 +116,8 @@ class TokenRecord:
                 refresh_expires_at=None if refresh_until is None else float(refresh_until),
                 # Records written before revocation existed carry no such field.
                 revoked=fields.get("revoked") is True,
+                # Nor do records written before credentials were fingerprinted.
+                credentials=_optional_str(fields.get("credentials")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a token record ({type(error).__name__})") from None
@@ -145,6 +157,10 @@ class FailureRecord:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a failure record ({type(error).__name__})") from None
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 # Fixed, public key: the fingerprint only has to tell credentials apart without showing them,

@@ -16,7 +16,7 @@ from service.claims import fingerprint
 from service.config.models import MAX_RETRY_AFTER_SECONDS
 from service.crypto import EnvelopeError, TokenCipher
 from service.store.base import Change, Saved, Spent, StoreUnavailableError
-from service.store.changes import ChangeFeed, honour_lost_cancellation, notice
+from service.store.changes import ChangeFeed, honour_lost_cancellation, notice, reset_notice
 from service.store.records import FailureRecord, TokenRecord
 from service.store.scripts import (
     COOL_DOWN,
@@ -415,6 +415,13 @@ class RedisStore:
         """Seal new writes with `cipher` (a reloaded key ring) and open records with it; a
         record sealed with a key the new ring lacks no longer opens."""
         self._cipher = cipher
+
+    async def reset(self, account: str) -> None:
+        """Delete the account's marker, then publish a reset notice to every replica."""
+        async with self._reaching("while resetting an account"):
+            await self._client.delete(self._key(account, "failure"))
+            # Plain PUBLISH: a Redis Cluster broadcasts it to every node, like write notices.
+            await self._client.publish(self._channel, reset_notice(account))
 
     @property
     def address(self) -> str:

@@ -48,6 +48,8 @@ class TokenGrant:
     requested_at: float
     lifetime: float
     refresh_lifetime: float | None = None
+    # False for a refresh: it proves nothing about the account's username and password.
+    by_login: bool = True
 
     @property
     def expires_at(self) -> float:
@@ -287,6 +289,7 @@ class MonogotoClient:
             refresh_lifetime=(
                 None if refresh_life.source is LifetimeSource.DEFAULT else refresh_life.seconds
             ),
+            by_login=operation is Operation.LOGIN,
         )
 
     def _lifetime(

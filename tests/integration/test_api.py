@@ -35,7 +35,15 @@ OPS = {"Authorization": f"Bearer {OPS_KEY}"}
 PROBLEM_JSON = "application/problem+json"
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 TOKEN_KEYS = {"account", "access_token", "token_type", "expires_at", "expires_in", "customer_id"}
-ACCOUNT_KEYS = {"name", "dialect", "status", "expires_at", "last_refresh_at", "last_error"}
+ACCOUNT_KEYS = {
+    "name",
+    "dialect",
+    "status",
+    "expires_at",
+    "last_refresh_at",
+    "last_error",
+    "credentials",
+}
 CONTRACT_METRICS = [
     "monogoto_broker_token_requests_total",
     "monogoto_broker_upstream_requests_total",
@@ -444,7 +452,7 @@ async def test_metrics_names_and_route_templates(client: Client) -> None:
 
 
 async def test_openapi_lists_the_api(client: Client) -> None:
-    """The OpenAPI document has the three API operations, the caller-key scheme and problems."""
+    """The OpenAPI document has the API operations, the caller-key scheme and problems."""
     response = await client.get("/schema/openapi.json")
     assert response.status_code == 200
     schema = response.json()
@@ -457,6 +465,8 @@ async def test_openapi_lists_the_api(client: Client) -> None:
         "getToken": ("/v1/accounts/{account}/token", "get"),
         "invalidateToken": ("/v1/accounts/{account}/token/invalidate", "post"),
         "listAccounts": ("/v1/accounts", "get"),
+        "verifyAccountCredentials": ("/v1/accounts/{account}/verify", "post"),
+        "resetAccount": ("/v1/accounts/{account}/reset", "post"),
     }
     scheme = next(iter(schema["components"]["securitySchemes"].values()))
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")

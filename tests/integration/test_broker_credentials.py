@@ -1,0 +1,49 @@
+"""Credentials are verified when they differ from those the stored token was obtained with."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+
+from service.broker import CredentialsStatus
+from service.simulator.client import SimulatorControl
+from tests.integration.conftest import StartReplicas
+from tests.support import eventually
+
+
+async def test_a_wrong_password_is_rejected_once_while_the_cached_token_is_served(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """Three replicas started with a wrong password over a valid stored token: one login,
+    every replica shows `rejected` and the alert's gauge, callers still get the token."""
+    [good] = await start_replicas()
+    token = await good.broker.get("acct-0")
+    assert good.broker.state("acct-0").credentials_status() is CredentialsStatus.VERIFIED
+    wrong = await start_replicas(3, password="not-the-password")
+
+    def all_rejected() -> bool:
+        states = [replica.broker.state("acct-0") for replica in wrong]
+        return all(s.credentials_status() is CredentialsStatus.REJECTED for s in states)
+
+    await eventually(all_rejected, within=15)
+    assert simulator.calls("v1_token") == 2  # the good login, then one verification
+    gauge = REGISTRY.get_sample_value("monogoto_broker_credentials_rejected", {"account": "acct-0"})
+    assert gauge == 1
+    served = await wrong[0].broker.get("acct-0")
+    assert served.access_token == token.access_token
+
+
+async def test_the_right_password_again_is_verified_and_clears_the_rejection(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """After a rejection, a replica with the right password is verified without a new login."""
+    [good] = await start_replicas()
+    await good.broker.get("acct-0")
+    [wrong] = await start_replicas(password="not-the-password")
+    await eventually(
+        lambda: wrong.broker.state("acct-0").credentials_status() is CredentialsStatus.REJECTED,
+        within=15,
+    )
+    [again] = await start_replicas()
+    state = again.broker.state("acct-0")
+    assert state.credentials_status() is CredentialsStatus.VERIFIED
+    assert state.rejected_until == 0
