@@ -111,7 +111,10 @@ class AccountState:
                 self.last_refresh_at = record.obtained_at
                 self.last_error = None
                 self.retry_at = 0.0
-                if self.rejected_until and record.obtained_at > self.rejected_since:
+                # A grant made with other credentials (a replica configured otherwise) says
+                # nothing of ours: a rejection of ours stands, though its token is served.
+                ours = record.credentials in (None, self.credentials)
+                if ours and self.rejected_until and record.obtained_at > self.rejected_since:
                     self.rejected_until = 0.0
                     CREDENTIALS_REJECTED.labels(account).set(0)
                 if record.credentials == self.credentials:
@@ -198,13 +201,16 @@ class AccountState:
 
     def status(self) -> AccountStatus:
         """The account's status for `/v1/accounts`."""
-        if self.rejected_until > time.time():
+        token = self.token
+        if self.rejected_until > time.time() and (token is None or not token.usable(0.0)):
+            # With a token another replica obtained, the account is served: `credentials`
+            # tells that these credentials are rejected.
             return AccountStatus.CREDENTIALS_REJECTED
         if self.refreshing:
             return AccountStatus.REFRESHING
         if self.last_error is not None:
             return AccountStatus.FAILING
-        if self.token is None or not self.token.usable(0.0):
+        if token is None or not token.usable(0.0):
             return AccountStatus.NO_TOKEN
         return AccountStatus.OK
 

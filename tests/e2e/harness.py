@@ -360,13 +360,23 @@ def readiness(url: str) -> Readiness:
     return Readiness(response.status_code, "; ".join(check["detail"] for check in checks))
 
 
+def account_credentials(url: str, key: str) -> dict[str, str]:
+    """Each account's `credentials` (`verified`, `rejected`, `unverified`) as one replica
+    sees it."""
+    return _account_field(url, key, "credentials")
+
+
 def account_statuses(url: str, key: str) -> dict[str, str]:
     """Each account's status (`ok`, `refreshing`, `no_token`, ...) as one replica sees it."""
+    return _account_field(url, key, "status")
+
+
+def _account_field(url: str, key: str, field: str) -> dict[str, str]:
     response = httpx.get(
         f"{url}/v1/accounts", headers={"Authorization": f"Bearer {key}"}, timeout=10
     )
     response.raise_for_status()
-    return {body["name"]: body["status"] for body in response.json()["accounts"]}
+    return {body["name"]: body[field] for body in response.json()["accounts"]}
 
 
 async def ok_on_every_replica(urls: Iterable[str], key: str, name: str) -> None:

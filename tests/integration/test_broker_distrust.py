@@ -14,6 +14,7 @@ import redis.asyncio
 
 from service.broker import (
     CredentialsRejectedError,
+    CredentialsStatus,
     InvalidRequestError,
     RenewalRateLimitedError,
     UpstreamUnavailableError,
@@ -176,17 +177,22 @@ async def test_a_rejection_of_other_credentials_holds_nobody_back(
     start_replicas: StartReplicas, simulator: SimulatorControl
 ) -> None:
     """A replica with a wrong password marks the account rejected; a replica with the right
-    one is not held back by that marker, and its login clears the rejection everywhere."""
+    one is not held back by that marker. The wrong replica then serves the right one's token,
+    while still saying that its own credentials are rejected (and not trying them again)."""
     [wrong] = await start_replicas(password="wrong")
     with pytest.raises(CredentialsRejectedError):
         await wrong.broker.get("acct-0")
     assert wrong.broker.accounts()[0].status == AccountStatus.CREDENTIALS_REJECTED
     [right] = await start_replicas()
-    await right.broker.get("acct-0")
+    token = await right.broker.get("acct-0")
     assert simulator.calls("v1_token", "ok") == 1
     await eventually(
         lambda: wrong.broker.accounts()[0].status != AccountStatus.CREDENTIALS_REJECTED
     )
+    assert (await wrong.broker.get("acct-0")).access_token == token.access_token
+    assert wrong.broker.accounts()[0].credentials is CredentialsStatus.REJECTED
+    assert right.broker.accounts()[0].credentials is CredentialsStatus.VERIFIED
+    assert simulator.calls("v1_token") == 2  # one rejected login, one good one
 
 
 async def test_a_report_revokes_the_token_even_while_the_account_is_rejected(
