@@ -201,15 +201,14 @@ class AccountState:
 
     def status(self) -> AccountStatus:
         """The account's status for `/v1/accounts`."""
-        token = self.token
-        if self.rejected_until > time.time() and (token is None or not token.usable(0.0)):
-            # With a token another replica obtained, the account is served: `credentials`
-            # tells that these credentials are rejected.
+        if self.rejected_until > time.time():
+            # Also while a token another replica obtained (with other credentials) is served.
             return AccountStatus.CREDENTIALS_REJECTED
         if self.refreshing:
             return AccountStatus.REFRESHING
         if self.last_error is not None:
             return AccountStatus.FAILING
+        token = self.token
         if token is None or not token.usable(0.0):
             return AccountStatus.NO_TOKEN
         return AccountStatus.OK

@@ -353,3 +353,37 @@ async def test_fail_closed_with_an_unwritable_path_hands_out_no_token(
         again = await client.get("/v1/accounts/fleet-eu/token", headers=_auth(BILLING_KEY, "c"))
         assert again.status_code == 200
     assert [line["request_id"] for line in _lines(blocker / "audit.log")] == ["c"]
+
+
+async def test_operator_actions_are_audited(
+    tmp_path: Path, sim: SimulatorControl, redis_url: str, simulator_url: str
+) -> None:
+    """An admin's verify and reset each write one line with their outcome; a non-admin's
+    attempt writes a `denied` line. No password in any line."""
+    path = tmp_path / "audit.log"
+    config = _config(redis_url, simulator_url, {"path": str(path), "hmac_key": HMAC_KEY})
+    config["callers"]["ops"]["admin"] = True
+    async with _running(config) as client:
+        verified = await client.post("/v1/accounts/fleet-eu/verify", headers=_auth(OPS_KEY, "v1"))
+        rejected = await client.post("/v1/accounts/locked/verify", headers=_auth(OPS_KEY, "v2"))
+        reset = await client.post("/v1/accounts/locked/reset", headers=_auth(OPS_KEY, "r1"))
+        denied = await client.post("/v1/accounts/locked/reset", headers=_auth(BILLING_KEY, "d1"))
+    assert [r.status_code for r in (verified, rejected, reset, denied)] == [200, 200, 200, 403]
+    by_id = {line["request_id"]: line for line in _lines(path)}
+    seen = {
+        rid: (line["event"], line["outcome"], line["status"], line["account"], line["caller"])
+        for rid, line in by_id.items()
+        if rid in {"v1", "v2", "r1", "d1"}
+    }
+    assert seen == {
+        "v1": ("account.verify", "verified", 200, "fleet-eu", "ops"),
+        "v2": ("account.verify", "rejected", 200, "locked", "ops"),
+        "r1": ("account.reset", "reset", 200, "locked", "ops"),
+        "d1": ("account.reset", "denied", 403, "locked", "billing"),
+    }
+    assert by_id["d1"]["reason"] == "not_admin"
+    assert by_id["d1"]["message"] == "operator action denied"
+    assert by_id["d1"]["credential"] == _key_prefix(BILLING_KEY)
+    text = path.read_text(encoding="utf-8")
+    assert PASSWORD not in text
+    assert LOCKED_PASSWORD not in text

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from prometheus_client import REGISTRY
 
-from service.broker import CredentialsStatus
+from service.broker import CredentialsRejectedError, CredentialsStatus
 from service.simulator.client import SimulatorControl
 from tests.integration.conftest import StartReplicas
 from tests.support import eventually
@@ -47,3 +50,26 @@ async def test_the_right_password_again_is_verified_and_clears_the_rejection(
     state = again.broker.state("acct-0")
     assert state.credentials_status() is CredentialsStatus.VERIFIED
     assert state.rejected_until == 0
+
+
+async def test_a_reset_clears_the_rejection_in_every_replica(
+    start_replicas: StartReplicas, simulator: SimulatorControl
+) -> None:
+    """Two replicas hold a rejection of their (wrong) password; an operator's reset on one
+    clears it in both, and Monogoto is asked again at once: one login for the fleet."""
+    first, second = await start_replicas(2, password="not-the-password")
+    with pytest.raises(CredentialsRejectedError):
+        await first.broker.get("acct-0")
+    with pytest.raises(CredentialsRejectedError):
+        await second.broker.get("acct-0")
+    assert simulator.calls("v1_token") == 1  # the second replica honoured the marker
+    held = second.broker.state("acct-0").rejected_until
+    await first.broker.reset("acct-0")
+    # Both forget the rejection; their renewers try again at once, and the lock and marker
+    # make that one login, rejected again, which both replicas then hold.
+    await eventually(lambda: simulator.calls("v1_token") == 2)
+    await eventually(
+        lambda: all(r.broker.state("acct-0").rejected_until > held for r in (first, second))
+    )
+    await asyncio.sleep(1.0)
+    assert simulator.calls("v1_token") == 2

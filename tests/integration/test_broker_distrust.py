@@ -186,10 +186,9 @@ async def test_a_rejection_of_other_credentials_holds_nobody_back(
     [right] = await start_replicas()
     token = await right.broker.get("acct-0")
     assert simulator.calls("v1_token", "ok") == 1
-    await eventually(
-        lambda: wrong.broker.accounts()[0].status != AccountStatus.CREDENTIALS_REJECTED
-    )
+    await eventually(lambda: wrong.broker.state("acct-0").token is not None)
     assert (await wrong.broker.get("acct-0")).access_token == token.access_token
+    assert wrong.broker.accounts()[0].status == AccountStatus.CREDENTIALS_REJECTED
     assert wrong.broker.accounts()[0].credentials is CredentialsStatus.REJECTED
     assert right.broker.accounts()[0].credentials is CredentialsStatus.VERIFIED
     assert simulator.calls("v1_token") == 2  # one rejected login, one good one

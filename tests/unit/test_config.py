@@ -786,3 +786,21 @@ def test_build_settings_validates_a_mapping() -> None:
     with pytest.raises(ConfigError) as caught:
         build_settings({**config(), 3: "x"})
     assert caught.value.problems == ["3: unknown key"]
+
+
+def test_a_caller_may_be_an_admin_from_the_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`admin` is off unless set; `true` in YAML or BROKER_CALLERS__<NAME>__ADMIN turns it on,
+    and a value that is not a flag is a problem."""
+    callers = {
+        "billing": {"api_key_sha256": DIGEST, "accounts": ["fleet-eu"]},
+        "ops": {"api_key_sha256": DIGEST.replace("a", "b"), "accounts": ["*"], "admin": True},
+    }
+    settings = load(tmp_path, config(callers=callers))
+    assert (settings.callers["billing"].admin, settings.callers["ops"].admin) == (False, True)
+    monkeypatch.setenv("BROKER_CALLERS__BILLING__ADMIN", "true")
+    assert load(tmp_path, config(callers=callers)).callers["billing"].admin is True
+    monkeypatch.setenv("BROKER_CALLERS__BILLING__ADMIN", "sometimes")
+    [problem] = problems(tmp_path, config(callers=callers))
+    assert "admin" in problem

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from pydantic import SecretStr
 
-from service.broker.model import AccountStatus
+from service.broker.model import AccountStatus, CredentialsStatus
 from service.broker.state import AccountState
 from service.store import FailureRecord, TokenRecord, credentials_fingerprint
 
@@ -75,3 +76,30 @@ def test_a_grant_newer_than_the_rejection_ends_it() -> None:
     state.adopt("fleet-eu", record(3))
     assert state.status() is AccountStatus.OK
     assert state.rejected_until == 0.0
+
+
+def test_a_record_keeps_the_fingerprint_of_the_credentials_that_obtained_it() -> None:
+    """The fingerprint survives the round trip; a record from before fingerprints has none."""
+    fingerprint = credentials_fingerprint("ops@example.com", PASSWORD)
+    stamped = replace(record(3), credentials=fingerprint)
+    assert TokenRecord.from_bytes(stamped.to_bytes()).credentials == fingerprint
+    assert TokenRecord.from_bytes(record(3).to_bytes()).credentials is None
+
+
+def test_a_grant_made_with_other_credentials_leaves_a_rejection_of_ours_standing() -> None:
+    """A replica whose own credentials were rejected adopts a token another replica obtained
+    with other credentials: it serves it, but its credentials stay rejected."""
+    ours = credentials_fingerprint("ops@example.com", PASSWORD)
+    theirs = credentials_fingerprint("ops@example.com", SecretStr("another"))
+    state = AccountState(ours)
+    marker = FailureRecord(detail="bad password", retry_at=time.time() + 300, credentials=ours)
+    state.rejected("acct", marker)
+    state.adopt("acct", replace(record(1), credentials=theirs))
+    assert state.rejected_until > 0
+    assert state.credentials_status() is CredentialsStatus.REJECTED
+    assert state.status() is AccountStatus.CREDENTIALS_REJECTED
+    assert state.token is not None
+    assert state.token.usable(0.0)  # served all the same
+    state.adopt("acct", replace(record(2), credentials=ours))
+    assert state.rejected_until == 0
+    assert state.credentials_status() is CredentialsStatus.VERIFIED
