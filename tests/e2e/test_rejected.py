@@ -312,3 +312,55 @@ async def test_a_corrected_password_logs_in_at_once_despite_the_old_rejection(
     assert fleet_view(old, key, name) == [(1.0, "credentials_rejected")] * len(old)
     assert account_statuses(new.url, key)[name] == "ok"
     assert not any(ROLLOUT_WRONG_PASSWORD in r.log() for r in [*old_replicas, new])
+
+
+async def test_a_wrong_password_is_found_out_at_start_while_valid_tokens_are_stored(
+    tmp_path: Path,
+    redis_url: str,
+    e2e_simulator: SimulatorControl,
+    start_brokers: StartBrokers,
+    reliability: Record,
+) -> None:
+    """A replica started with a wrong password over a valid stored token (v1: renewed by
+    refresh tokens, so the password would not be used for hours) verifies it with one login
+    within one budget slot: `credentials: rejected` and the alert's gauge 1, while callers
+    keep getting the stored token."""
+    name = "verified-v1"
+    index = 7
+    key, right = rejection_config(
+        e2e_simulator, redis_url, {name: account(index, "v1")}, 300.0, lifetime=3600
+    )
+    [first] = start_brokers(write_config(tmp_path / "right.yaml", right), 1)
+    [token] = await eventually_served([first.url], key, name, within=15)
+    assert account_credentials(first.url, key)[name] == "verified"
+
+    wrong = copy.deepcopy(right)  # the same encryption keys, Redis and account
+    wrong["accounts"][name]["password"] = "not-the-password-of-user07"
+    started = time.monotonic()
+    [second] = start_brokers(write_config(tmp_path / "wrong.yaml", wrong), 1)
+    slot = PERIOD_SECONDS / LIMIT
+    await eventually(lambda: account_credentials(second.url, key)[name] == "rejected", within=15)
+    found_in = time.monotonic() - started
+    gauge = rejected_gauge(second.url, name)
+    [served] = await ask_each([second.url], key, name)
+    await asyncio.sleep(1.0)  # no second attempt follows
+    user = UpstreamCounts.read(e2e_simulator, USERNAMES[index])
+    reliability(
+        ReliabilityRow(
+            scenario="wrong password at start over a valid token",
+            injected="a replica started with a wrong password while a valid v1 token is stored",
+            callers_saw=(
+                f"rejected shown {found_in:.1f} s after the replica's start (budget slot "
+                f"{slot:.2f} s), gauge {gauge}; token request {served.status_code}"
+            ),
+            upstream_calls=user.describe(),
+            rate_limited=user.rate_limited,
+            reused=user.reused,
+        )
+    )
+    assert gauge == 1.0
+    assert served.status_code == 200
+    assert served.json()["access_token"] == token.json()["access_token"]
+    assert user.outcomes == {"ok": 1, "rejected": 1}  # the first login, one verification
+    assert account_credentials(first.url, key)[name] == "verified"
+    assert "not-the-password-of-user07" not in second.log()
