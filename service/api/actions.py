@@ -46,7 +46,6 @@ class AccountActionController(Controller):
 
     path = "/accounts/{account:str}"
     tags = ("operator actions",)
-    guards = (requires_audited_admin,)
 
     @post(
         "/verify",
@@ -54,6 +53,9 @@ class AccountActionController(Controller):
         summary="Log in with the account's configured credentials now",
         status_code=200,
         responses=problem_responses(401, 403, 404, 503, descriptions=_ADMIN_DESCRIPTIONS),
+        # On the route, not the controller: the route's OPTIONS (answered by Litestar) stays
+        # open, as on every other route.
+        guards=[requires_audited_admin],
         opt={"audit_event": VERIFY_EVENT},
     )
     async def verify(
@@ -84,6 +86,7 @@ class AccountActionController(Controller):
         summary="Clear the account's rejection and back-off in every replica",
         status_code=200,
         responses=problem_responses(401, 403, 404, 503, descriptions=_ADMIN_DESCRIPTIONS),
+        guards=[requires_audited_admin],
         opt={"audit_event": RESET_EVENT},
     )
     async def reset(
