@@ -13,10 +13,14 @@ contain the password (docs/configuration.md, "Redis URL").
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from redis.asyncio.connection import ConnectionPool
+from redis.exceptions import RedisError
 
 Kind = Literal["memory", "standalone", "sentinel", "cluster"]
 
@@ -38,6 +42,8 @@ _QUERY = {
 }
 _TLS_QUERY = {"ssl_ca_certs", "ssl_cert_reqs"}
 _CERT_REQS = ("required", "none")
+# The name in the Redis client's errors about an unknown option and an invalid value.
+_NAMED_OPTION = re.compile(r"(?:unexpected keyword argument|Invalid value for) '([^']+)'")
 # Said instead of a host that may be part of a password (see _names_hosts).
 _ENCODE_HINT = " (percent-encode '/', '?' and '#' in the user and password)"
 
@@ -80,8 +86,11 @@ def check_store_url(url: str) -> None:
         )
     if "+" in scheme:
         parse_store_url(url)
-    elif scheme in ("redis", "rediss"):
+        return
+    if scheme in ("redis", "rediss"):
         _check_server(url)
+    if scheme != "memory":
+        _check_client_options(url)
 
 
 def _check_server(url: str) -> None:
@@ -92,6 +101,33 @@ def _check_server(url: str) -> None:
     host, colon, port = _split_host(server)
     if colon:
         _port(port, host, named=_names_hosts(url, netloc))
+
+
+def _check_client_options(url: str) -> None:
+    """The query parameters of a `redis://`, `rediss://` or `unix://` URL go to the Redis client
+    as they are: a connection is made of them here (nothing connects), so that a name the client
+    does not know or a value it cannot take is reported now, not by every store command. The
+    line names the parameter, never its value (nor anything when the query may be part of a
+    password, see _names_hosts)."""
+    try:
+        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]  # bare in redis-py
+    except (TypeError, ValueError, RedisError) as error:
+        parts = urlsplit(url)
+        named = _NAMED_OPTION.search(str(error))
+        if not _names_hosts(url, parts.netloc):
+            raise ValueError(f"bad query parameter{_ENCODE_HINT}") from None
+        if isinstance(error, TypeError):
+            name = f" {named.group(1)!r}" if named else ""
+            raise ValueError(f"unknown query parameter{name} (not a Redis client option)") from None
+        if named:
+            raise ValueError(
+                f"query parameter {named.group(1)!r}: a value the Redis client cannot take"
+            ) from None
+        values = [value for _, value in parse_qsl(parts.query) if len(value) > 2]
+        message = str(error).rstrip(".")
+        if any(value in message for value in values):
+            message = "the Redis client refuses a query parameter's value"
+        raise ValueError(message) from None
 
 
 def parse_store_url(url: str) -> StoreAddress:

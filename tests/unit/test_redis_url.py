@@ -1,6 +1,9 @@
-"""What the forms of `redis_url` connect to, and which ports check-config takes."""
+"""What the forms of `redis_url` connect to, and which ports and query parameters check-config
+takes."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -87,3 +90,38 @@ def test_a_password_with_an_unencoded_delimiter_is_not_echoed(url: str) -> None:
         check_store_url(url)
     assert "s3c" not in str(caught.value)
     assert "r3t" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss://:s3cret@redis:6380/0?ssl_ca_certs=/etc/ca/redis-ca.crt",
+        "rediss://:s3cret@redis:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false",
+        "redis://:s3cret@redis/0?client_name=broker&health_check_interval=10",
+        "unix:///run/redis.sock?db=2",
+    ],
+)
+def test_query_parameters_the_redis_client_takes_pass(url: str) -> None:
+    """A server URL's query parameters go to the Redis client as they are."""
+    check_store_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://:s3cret@redis/0?tiemout=2", "unknown query parameter 'tiemout'"),
+        ("rediss://:s3cret@redis/0?sentinel_password=s3cret", "unknown query parameter"),
+        ("unix:///run/redis.sock?socket_timout=1", "unknown query parameter 'socket_timout'"),
+        ("redis://:s3cret@redis/0?socket_timeout=s3cret", "query parameter 'socket_timeout': a"),
+        ("unix:///run/redis.sock?db=two", "query parameter 'db': a value"),
+        ("rediss://:s3cret@redis/0?ssl_cert_reqs=s3cret", "refuses a query parameter's value"),
+        ("redis://:s3cret@redis/0?protocol=4", "protocol must be either 2 or 3"),
+    ],
+)
+def test_query_parameters_the_redis_client_refuses_are_one_line(url: str, message: str) -> None:
+    """What would otherwise fail every store command (an unknown name) or the start (a value
+    the client cannot take) is refused by check-config, naming the parameter, not its value."""
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        check_store_url(url)
+    assert "\n" not in str(caught.value)
+    assert "s3cret" not in str(caught.value)
