@@ -10,7 +10,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -75,12 +75,19 @@ class ServeProcess:
     """`monogoto-broker serve` as a child process on a free port of 127.0.0.1.
 
     Its stdout and stderr go to `directory/serve.log` and its temporary files (e.g. the metrics
-    directory of several workers) to `directory/tmp`; `BROKER_*` variables are not inherited.
-    With `tls_ca` (the config has `tls`), its URL is https:// and `verify` trusts that CA.
+    directory of several workers) to `directory/tmp`; `BROKER_*` variables are not inherited,
+    and `env` is added to the rest. With `tls_ca` (the config has `tls`), its URL is https://
+    and `verify` trusts that CA.
     """
 
     def __init__(
-        self, config: Path, directory: Path, *, workers: int = 1, tls_ca: Path | None = None
+        self,
+        config: Path,
+        directory: Path,
+        *,
+        workers: int = 1,
+        tls_ca: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         scheme = "http" if tls_ca is None else "https"
@@ -91,15 +98,16 @@ class ServeProcess:
         self.log_path = directory / "serve.log"
         self.temp_dir = directory / "tmp"
         self.temp_dir.mkdir(parents=True)
-        env = {name: value for name, value in os.environ.items() if not name.startswith("BROKER_")}
-        env["TMPDIR"] = str(self.temp_dir)
+        inherited = os.environ.items()
+        environment = {name: value for name, value in inherited if not name.startswith("BROKER_")}
+        environment |= {**(env or {}), "TMPDIR": str(self.temp_dir)}
         command = [
             *(sys.executable, "-m", "service.cli", "serve", "--config", str(config)),
             *("--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)),
         ]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(  # noqa: S603
-                command, stdout=log, stderr=subprocess.STDOUT, env=env
+                command, stdout=log, stderr=subprocess.STDOUT, env=environment
             )
 
     def wait_until_ok(self, path: str = "/readyz", timeout: float = 90.0) -> None:

@@ -72,14 +72,15 @@ class ConfigChange:
         return {name: names for name, names in parts.items() if names}
 
 
+def restart_settings() -> list[str]:
+    """Every top-level setting a running broker cannot take: RESTART_SETTINGS, then any other
+    that `compare` does not look at itself (an account's identity aside, ACCOUNT_IDENTITY)."""
+    return [*RESTART_SETTINGS, *(name for name in Settings.model_fields if name not in _COMPARED)]
+
+
 def compare(old: Settings, new: Settings) -> ConfigChange:
     """How `new` differs from `old`; both validated (their secrets read)."""
-    restart = [name for name in RESTART_SETTINGS if _value(old, name) != _value(new, name)]
-    restart += [
-        name
-        for name in Settings.model_fields
-        if name not in _COMPARED and getattr(old, name) != getattr(new, name)
-    ]
+    restart = [name for name in restart_settings() if _value(old, name) != _value(new, name)]
     old_accounts, new_accounts = old.accounts_resolved(), new.accounts_resolved()
     kept = [name for name in new_accounts if name in old_accounts]
     for name in kept:

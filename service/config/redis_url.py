@@ -13,10 +13,14 @@ contain the password (docs/configuration.md, "Redis URL").
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from redis.asyncio.connection import ConnectionPool
+from redis.exceptions import RedisError
 
 Kind = Literal["memory", "standalone", "sentinel", "cluster"]
 
@@ -38,6 +42,10 @@ _QUERY = {
 }
 _TLS_QUERY = {"ssl_ca_certs", "ssl_cert_reqs"}
 _CERT_REQS = ("required", "none")
+# The name in the Redis client's errors about an unknown option and an invalid value.
+_NAMED_OPTION = re.compile(r"(?:unexpected keyword argument|Invalid value for) '([^']+)'")
+# Said instead of a host that may be part of a password (see _names_hosts).
+_ENCODE_HINT = " (percent-encode '/', '?' and '#' in the user and password)"
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,48 @@ def check_store_url(url: str) -> None:
         )
     if "+" in scheme:
         parse_store_url(url)
+        return
+    if scheme in ("redis", "rediss"):
+        _check_server(url)
+    if scheme != "memory":
+        _check_client_options(url)
+
+
+def _check_server(url: str) -> None:
+    """The port of a `redis://` or `rediss://` URL, when it names one, is 1-65535 (without a
+    host the client takes localhost, as it always has)."""
+    netloc = urlsplit(url).netloc
+    server = netloc.rpartition("@")[2]
+    host, colon, port = _split_host(server)
+    if colon:
+        _port(port, host, named=_names_hosts(url, netloc))
+
+
+def _check_client_options(url: str) -> None:
+    """The query parameters of a `redis://`, `rediss://` or `unix://` URL go to the Redis client
+    as they are: a connection is made of them here (nothing connects), so that a name the client
+    does not know or a value it cannot take is reported now, not by every store command. The
+    line names the parameter, never its value (nor anything when the query may be part of a
+    password, see _names_hosts)."""
+    try:
+        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]  # bare in redis-py
+    except (TypeError, ValueError, RedisError) as error:
+        parts = urlsplit(url)
+        named = _NAMED_OPTION.search(str(error))
+        if not _names_hosts(url, parts.netloc):
+            raise ValueError(f"bad query parameter{_ENCODE_HINT}") from None
+        if isinstance(error, TypeError):
+            name = f" {named.group(1)!r}" if named else ""
+            raise ValueError(f"unknown query parameter{name} (not a Redis client option)") from None
+        if named:
+            raise ValueError(
+                f"query parameter {named.group(1)!r}: a value the Redis client cannot take"
+            ) from None
+        values = [value for _, value in parse_qsl(parts.query) if len(value) > 2]
+        message = str(error).rstrip(".")
+        if any(value in message for value in values):
+            message = "the Redis client refuses a query parameter's value"
+        raise ValueError(message) from None
 
 
 def parse_store_url(url: str) -> StoreAddress:
@@ -88,11 +138,14 @@ def parse_store_url(url: str) -> StoreAddress:
     if base not in ("redis", "rediss") or kind_name not in ("sentinel", "cluster"):
         raise ValueError(f"unknown scheme {parts.scheme!r}")
     kind: Kind = "sentinel" if kind_name == "sentinel" else "cluster"
+    named = _names_hosts(url, parts.netloc)
     if parts.fragment:
-        raise ValueError("must not have a fragment")
+        raise ValueError(f"must not have a fragment{'' if named else _ENCODE_HINT}")
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
-    hosts = tuple(_host(item, _DEFAULT_PORTS[kind]) for item in hostlist.split(",") if item)
+    hosts = tuple(
+        _host(item, _DEFAULT_PORTS[kind], named=named) for item in hostlist.split(",") if item
+    )
     if not hosts:
         raise ValueError(f"names no {'sentinel' if kind == 'sentinel' else 'cluster node'}")
     service_name, db = _path(kind, parts.path)
@@ -109,16 +162,36 @@ def parse_store_url(url: str) -> StoreAddress:
     )
 
 
-def _host(item: str, default_port: int) -> tuple[str, int]:
-    host, colon, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
-    if not colon:
-        host, port = item, str(default_port)
-    host = host.removeprefix("[").removesuffix("]")
+def _names_hosts(url: str, netloc: str) -> bool:
+    """Whether the host part of `netloc` can be named in a message: the netloc has the
+    credentials' `@`, or the URL has no `@` at all. Otherwise an unencoded `/`, `?` or `#` in a
+    password cut the URL short, and what looks like a host or port is part of the password."""
+    return "@" in netloc or "@" not in url
+
+
+def _host(item: str, default_port: int, *, named: bool) -> tuple[str, int]:
+    """(host, port) of `host[:port]` or `[IPv6][:port]`; the messages name the host only when
+    `named` (see _names_hosts), and never the port's text."""
+    host, colon, port = _split_host(item)
     if not host:
-        raise ValueError(f"host missing before {':' + port!r}")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port {port!r} for host {host!r}: must be 1-65535")
-    return host, int(port)
+        raise ValueError(f"host missing before a ':PORT'{'' if named else _ENCODE_HINT}")
+    return host, _port(port, host, named=named) if colon else default_port
+
+
+def _split_host(item: str) -> tuple[str, str, str]:
+    """(host, ':', port) of `host:port` or `[IPv6]:port`; (host, '', '') without a port."""
+    host, colon, port = item.rpartition(":") if not item.endswith("]") else ("", "", "")
+    if not colon:
+        host = item
+    return host.removeprefix("[").removesuffix("]"), colon, port
+
+
+def _port(port: str, host: str, *, named: bool) -> int:
+    if port.isascii() and port.isdigit() and 0 < int(port) < 65536:
+        return int(port)
+    if named and host:
+        raise ValueError(f"bad port for host {host!r}: must be a number 1-65535")
+    raise ValueError(f"bad port: must be a number 1-65535{_ENCODE_HINT}")
 
 
 def _path(kind: Kind, path: str) -> tuple[str, int]:

@@ -29,7 +29,8 @@ import yaml
 
 from service import helm_values
 from service.cli import main
-from service.config import ConfigError, build_settings
+from service.config import ConfigError, Settings, build_settings
+from service.config.changes import compare, restart_settings
 from service.helm_values import (
     CHART_DEFAULTS,
     CHART_OWNED,
@@ -526,6 +527,29 @@ needs_helm = pytest.mark.skipif(
 )
 
 
+def rendered_objects(*files: Path) -> dict[tuple[str, str], Any]:
+    """What `helm template` renders for the values `files`, by kind and name."""
+    result = helm_template(*files)
+    assert result.returncode == 0, result.stderr
+    documents = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in documents}
+
+
+def broker_settings(objects: Mapping[tuple[str, str], Any], directory: Path) -> Settings:
+    """The settings the broker loads from the rendered ConfigMap, with the chart-made Secrets'
+    files written into `directory` (and stand-ins for the TLS and JWKS reader's files)."""
+    rendered = yaml.safe_load(objects["ConfigMap", "monogoto-broker"]["data"]["config.yaml"])
+    for name, value in objects["Secret", "monogoto-broker"]["data"].items():
+        (directory / name).write_bytes(base64.b64decode(value))
+    test_caller = objects["Secret", "monogoto-broker-test-caller"]["data"]
+    (directory / "api-key-sha256").write_bytes(base64.b64decode(test_caller["api-key-sha256"]))
+    text = yaml.safe_dump(rendered).replace(SECRETS_DIR, str(directory))
+    text = text.replace(TEST_CALLER_DIR, str(directory))
+    text = text.replace(TLS_DIR, str(write_stand_ins(directory / "tls")))
+    text = text.replace(KUBERNETES_DIR, str(write_stand_ins(directory / "kubernetes")))
+    return build_settings(yaml.safe_load(text))
+
+
 def helm_template(*files: Path) -> subprocess.CompletedProcess[str]:
     assert HELM is not None
     command = [HELM, "template", "monogoto-broker", str(CHART), "--namespace", "broker"]
@@ -550,14 +574,7 @@ def test_chart_config_map_is_what_the_check_builds(values: Path, tmp_path: Path)
     key, digest = (base64.b64decode(test_caller[k]).decode() for k in ("api-key", "api-key-sha256"))
     assert digest == f"sha256:{api_key_digest(key)}"
     if ("Secret", "monogoto-broker") in objects:
-        for name, value in objects["Secret", "monogoto-broker"]["data"].items():
-            (tmp_path / name).write_bytes(base64.b64decode(value))
-        (tmp_path / "api-key-sha256").write_text(digest, encoding="utf-8")
-        text = yaml.safe_dump(rendered).replace(SECRETS_DIR, str(tmp_path))
-        text = text.replace(TEST_CALLER_DIR, str(tmp_path))
-        text = text.replace(TLS_DIR, str(write_stand_ins(tmp_path / "tls")))
-        text = text.replace(KUBERNETES_DIR, str(write_stand_ins(tmp_path / "kubernetes")))
-        build_settings(yaml.safe_load(text))
+        broker_settings(objects, tmp_path)
 
 
 @needs_helm
@@ -568,3 +585,124 @@ def test_chart_refuses(tmp_path: Path, case: str) -> None:
     assert result.returncode != 0
     assert "these values give no working broker (docs/operations.md" in result.stderr
     assert f"\n- {REFUSED[case][1]}\n" in result.stderr, result.stderr
+
+
+# --- the pods roll when, and only when, a setting that needs a restart changes ------------------
+
+AUDIT_KEY = "an-audit-hmac-key-of-32-characters-at-least"
+# For each top-level setting the broker cannot reload (service.config.changes.restart_settings),
+# values changes over ci/minimal-values.yaml that change it. A new such setting needs its entry
+# here, and the chart's restartSettings (templates/_helpers.tpl) must then cover it.
+RESTART_CHANGES: dict[str, list[dict[str, Any]]] = {
+    "redis_url": [{"secrets": {"redisUrl": "redis+sentinel://:pw@redis.redis:26379/mymaster"}}],
+    "key_prefix": [{"config": {"key_prefix": "mgb2"}}],
+    "metrics_port": [{"metrics": {"port": 9100}}],
+    "tls": [{"tls": {"enabled": True, "existingSecret": "monogoto-broker-tls"}}],
+    "caller_auth": [
+        {
+            "kubernetesAuth": {"enabled": True},
+            "config": {
+                "caller_auth": {
+                    "kubernetes": {
+                        "issuer": "https://kubernetes.default.svc.cluster.local",
+                        "audiences": ["monogoto-broker"],
+                    }
+                }
+            },
+        }
+    ],
+    "audit": [
+        {"config": {"audit": {"fail_closed": True}}},
+        {"config": {"audit": {"path": "/var/log/monogoto-broker/audit.log"}}},
+        {"secrets": {"auditHmacKey": AUDIT_KEY}},
+    ],
+}
+RESTART_CASES = [
+    pytest.param(setting, change, id=f"{setting}-{index}")
+    for setting, changes in RESTART_CHANGES.items()
+    for index, change in enumerate(changes)
+]
+# Changes the broker reloads live, and what its reload reports for each: the pods must not roll.
+LIVE_CHANGES: dict[str, tuple[dict[str, Any], str]] = {
+    "an account's password": (
+        {"secrets": {"accountPasswords": {"fleet": "another-password"}}},
+        "passwords_changed",
+    ),
+    "an account added": (
+        {
+            "config": {"accounts": {"fleet-us": {"username": "us-ops@example.com"}}},
+            "secrets": {"accountPasswords": {"fleet-us": "us-password"}},
+        },
+        "accounts_added",
+    ),
+    "an account's timeout": (
+        {"config": {"accounts": {"fleet": {"timeout_seconds": 20}}}},
+        "accounts_changed",
+    ),
+    "a refresh setting": (
+        {"config": {"refresh": {"fraction": 0.5, "min_remaining_seconds": 120}}},
+        "sections",
+    ),
+    "an upstream retry setting": (
+        {"config": {"upstream": {"retry": {"max_attempts": 5}}}},
+        "sections",
+    ),
+    "api.max_wait_seconds": ({"config": {"api": {"max_wait_seconds": 20}}}, "sections"),
+    "a caller added": (
+        {
+            "config": {"callers": {"ops": {"accounts": ["fleet"]}}},
+            "secrets": {"callerKeyDigests": {"ops": new_api_key()[1]}},
+        },
+        "callers_added",
+    ),
+    "the encryption keys": (
+        {"secrets": {"encryptionKeys": f"{new_encryption_key()}\nk1:{'A' * 43}="}},
+        "sections",
+    ),
+}
+
+
+def restart_checksum_and_settings(
+    directory: Path, change: Mapping[str, Any]
+) -> tuple[str, Settings]:
+    """The pod template's `checksum/restart-settings` and the settings the broker loads, for
+    ci/minimal-values.yaml with `change` on top (an empty change: the values alone)."""
+    directory.mkdir()
+    files = [MINIMAL, write_yaml(directory / "change.yaml", change)] if change else [MINIMAL]
+    objects = rendered_objects(*files)
+    template = objects["Deployment", "monogoto-broker"]["spec"]["template"]
+    checksum: str = template["metadata"]["annotations"]["checksum/restart-settings"]
+    return checksum, broker_settings(objects, directory)
+
+
+def test_every_setting_that_needs_a_restart_has_a_values_change() -> None:
+    """A setting the broker cannot reload that the chart's checksum is not proven to cover fails
+    here: add it to RESTART_CHANGES (and to the chart's restartSettings)."""
+    assert sorted(RESTART_CHANGES) == sorted(restart_settings())
+
+
+@needs_helm
+@pytest.mark.parametrize(("setting", "change"), RESTART_CASES)
+def test_the_pods_roll_when_a_setting_that_needs_a_restart_changes(
+    tmp_path: Path, setting: str, change: dict[str, Any]
+) -> None:
+    """The change is one the broker would refuse to reload (for `setting`), and it changes the
+    checksum the pods roll on."""
+    checksum, settings = restart_checksum_and_settings(tmp_path / "before", {})
+    changed_checksum, changed = restart_checksum_and_settings(tmp_path / "after", change)
+    assert compare(settings, changed).restart == [setting]
+    assert changed_checksum != checksum
+
+
+@needs_helm
+@pytest.mark.parametrize("case", sorted(LIVE_CHANGES))
+def test_the_pods_do_not_roll_on_a_change_the_broker_reloads(tmp_path: Path, case: str) -> None:
+    """The broker takes the change live (it reports it, and nothing needing a restart), and the
+    checksum stays as it was."""
+    values_change, reported = LIVE_CHANGES[case]
+    checksum, settings = restart_checksum_and_settings(tmp_path / "before", {})
+    changed_checksum, changed = restart_checksum_and_settings(tmp_path / "after", values_change)
+    change = compare(settings, changed)
+    assert change.restart == []
+    assert reported in change.summary()
+    assert changed_checksum == checksum

@@ -217,20 +217,24 @@ def test_serve_keeps_an_idle_connection_open_past_a_retry_after(
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_exits_non_zero_when_the_workers_fail_to_start(tmp_path: Path, workers: int) -> None:
-    """A Redis port out of range passes config validation (it checks the URL's scheme) but makes
-    every worker's lifespan startup fail when it opens the store: `serve` stops with uvicorn's
-    startup-failure code and says so, instead of exiting 0 (several workers, uvicorn's
-    supervisor returned normally) or only with uvicorn's own lines (one worker)."""
+    """A valid config, but a process environment in which every worker's lifespan startup fails:
+    `SSL_CERT_FILE` names a CA bundle that is not there (say, a Secret that was not mounted), so
+    the broker runtime cannot make its HTTP client for Monogoto, which loads that bundle when it
+    is made. `serve` stops with uvicorn's startup-failure code and says so, instead of exiting 0
+    (several workers, uvicorn's supervisor returned normally) or only with uvicorn's own lines
+    (one worker)."""
     config = tmp_path / "broker.yaml"
-    extra = {"redis_url": "redis://127.0.0.1:637900/0", "encryption_keys": new_encryption_key()}
+    extra = {"redis_url": "redis://127.0.0.1:6379/0", "encryption_keys": new_encryption_key()}
     write_config(config, "http://127.0.0.1:9", {"ops@example.com": "unused"}, **extra)
-    serve = ServeProcess(config, tmp_path / "serve", workers=workers)
+    missing = {"SSL_CERT_FILE": str(tmp_path / "not-mounted" / "ca-bundle.crt")}
+    serve = ServeProcess(config, tmp_path / "serve", workers=workers, env=missing)
     try:
         exit_code = serve.process.wait(_STOP_SECONDS)
     finally:
         serve.kill()
 
     assert exit_code == EXIT_STARTUP_FAILURE, serve.log()
+    assert "FileNotFoundError" in serve.log()  # the missing bundle, not another failure
     assert_one_startup_failure_logged(serve)
     assert list(serve.temp_dir.iterdir()) == []  # the metrics directory of several workers
 
