@@ -4,15 +4,15 @@ and whether it comes in time (docs/broker.md, "Renewal planning").
 A pure model, computed from what a process knows (each account's token and when it was last
 read) and the budget's settings; it decides nothing, it predicts. Each account has a deadline,
 its token's expiry minus `min_remaining_seconds` minus a safety margin. The budget grants
-`limit` units per window, so the plan spaces renewals one slot (`window / limit`) apart and
-gives each slot to the renewal with the earliest deadline among those due (no renewal before
+`limit` units in any window (a sliding log, like the budget itself), so the plan gives each
+free unit, its slot, to the renewal with the earliest deadline among those due (no renewal before
 its refresh point, `fraction` of the lifetime). Every renewal gives a new token whose renewal
 comes in turn, until every account's next renewal has its slot.
 
 When the renewals do not all fit, accounts are given up in a fixed order: idle ones (no read
-within two lifetimes) before used ones, the longest unread first. Those kept are planned ahead
-of those given up; the given-up ones take whatever slots are left, and are at risk when these
-come after their deadline.
+within two lifetimes) before used ones, the longest unread first: as few as possible, so that
+every kept account's next renewal meets its deadline. The given-up accounts are planned after
+the kept ones, in the slots left, and are at risk when these come after their deadlines.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 SAFETY_MARGIN_SECONDS = 2.0
 # An account not read within this many of its token's lifetimes is idle.
 IDLE_LIFETIMES = 2.0
-# Slots and deadlines compare with this tolerance (float sums of slot spacings).
+# Slots and deadlines compare with this tolerance (float sums of windows).
 _EPSILON = 1e-6
 
 
@@ -56,11 +56,6 @@ class Budget:
     def capacity(self) -> float:
         """Calls per second the budget sustains."""
         return self.limit / self.window_seconds
-
-    @property
-    def spacing(self) -> float:
-        """Seconds between two planned renewals."""
-        return self.window_seconds / self.limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +196,8 @@ class _Schedule:
         now: float,
     ) -> None:
         self._jobs = jobs
-        self._spacing = budget.spacing
+        self._limit = budget.limit
+        self._window = budget.window_seconds
         self._now = now
         # Each account's renewal, once made, gives a token due again after `offset` and to be
         # renewed again by `span` after its slot.
@@ -218,36 +214,48 @@ class _Schedule:
         return slots
 
     def run(self, keep_order: list[int], kept: int, *, strict: bool = True) -> list[float] | None:
-        """Each account's next slot with the first `kept` accounts of `keep_order` kept; with
-        `strict`, None as soon as a kept account misses a deadline."""
-        rank = [1] * len(self._jobs)
-        for i in keep_order[:kept]:
-            rank[i] = 0
-        # Renewals not yet due: (release, deadline, account); then those due, by priority.
-        waiting = [(job.release, job.deadline, i) for i, job in enumerate(self._jobs)]
+        """Each account's next slot with the first `kept` accounts of `keep_order` kept, the
+        others planned only once the kept ones' renewals are; with `strict`, None as soon as a
+        kept account misses a deadline (and the others are not planned)."""
+        # Renewals not yet due: (release, deadline, account); then those due, by deadline.
+        waiting = [(self._jobs[i].release, self._jobs[i].deadline, i) for i in keep_order[:kept]]
         heapq.heapify(waiting)
-        ready: list[tuple[int, float, int, int]] = []
+        given_up = keep_order[kept:]
+        ready: list[tuple[float, int, int]] = []
         used = [0 if job.used else 1 for job in self._jobs]
         first: list[float | None] = [None] * len(self._jobs)
-        left = len(self._jobs)
+        # The slots given so far: at most `limit` in any window, none before now.
+        taken: list[float] = []
         slot = self._now
-        spacing, horizon, offset, span = self._spacing, self._horizon, self._offset, self._span
-        while left:
+        limit, window = self._limit, self._window
+        horizon, offset, span = self._horizon, self._offset, self._span
+        while True:
+            if not waiting and not ready:
+                if strict or not given_up:
+                    break
+                # The kept accounts' renewals are all planned: the others get what is left.
+                waiting = [(self._jobs[i].release, self._jobs[i].deadline, i) for i in given_up]
+                heapq.heapify(waiting)
+                given_up = []
+            if len(taken) >= limit:
+                slot = max(slot, taken[-limit] + window)
             if not ready:
                 slot = max(slot, waiting[0][0])
             while waiting and waiting[0][0] <= slot + _EPSILON:
                 _, deadline, i = heapq.heappop(waiting)
-                heapq.heappush(ready, (rank[i], deadline, used[i], i))
-            kept_rank, deadline, _, i = heapq.heappop(ready)
-            if strict and kept_rank == 0 and slot > deadline + _EPSILON:
-                return None
+                heapq.heappush(ready, (deadline, used[i], i))
+            deadline, _, i = heapq.heappop(ready)
             if first[i] is None:
+                # Only the next renewal is judged: the later ones are planned as made at the
+                # refresh point, which with the default fraction the budget cannot sustain past
+                # about 80 % of its capacity (renewals are then postponed towards deadlines).
+                if strict and slot > deadline + _EPSILON:
+                    return None
                 first[i] = slot
-                left -= 1
-            # The renewal gives a new token; its own renewal is planned if it is due in time
-            # to compete with the renewals still to plan.
+            # The renewal gives a new token; its own renewal is planned if it comes before
+            # every account's next one is (it competes with them for the budget).
             release = slot + offset[i]
             if release <= horizon:
                 heapq.heappush(waiting, (release, slot + span[i], i))
-            slot += spacing
+            taken.append(slot)
         return [at if at is not None else self._now for at in first]
