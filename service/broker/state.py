@@ -65,6 +65,8 @@ class AccountState:
     rejected_since: float = 0.0
     # After a transient failure, no new attempt from this process before this (monotonic).
     retry_at: float = 0.0
+    # When this process last served a token of it to a caller (wall clock), 0.0 if never.
+    last_read: float = 0.0
     # Replaced by a fresh event on every change; waiters hold the one current when they looked.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -35,7 +35,10 @@ OPS = {"Authorization": f"Bearer {OPS_KEY}"}
 PROBLEM_JSON = "application/problem+json"
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 TOKEN_KEYS = {"account", "access_token", "token_type", "expires_at", "expires_in", "customer_id"}
-ACCOUNT_KEYS = {"name", "dialect", "status", "expires_at", "last_refresh_at", "last_error"}
+ACCOUNT_KEYS = {
+    *("name", "dialect", "status", "expires_at", "last_refresh_at", "last_error"),
+    *("next_renewal_at", "at_risk"),
+}
 CONTRACT_METRICS = [
     "monogoto_broker_token_requests_total",
     "monogoto_broker_upstream_requests_total",
@@ -403,11 +406,14 @@ async def test_accounts_are_filtered_per_caller(client: Client) -> None:
             "credentials_rejected",
             "no_token",
         )
-        for field in ("expires_at", "last_refresh_at"):
+        for field in ("expires_at", "last_refresh_at", "next_renewal_at"):
             assert account[field] is None or ISO_UTC.fullmatch(account[field])
+        assert isinstance(account["at_risk"], bool)
     fleet_eu = next(account for account in accounts if account["name"] == "fleet-eu")
     assert fleet_eu["status"] == "ok"
     assert fleet_eu["expires_at"] == token["expires_at"]
+    # Planned at start-up (no token yet: a login at once), or since with the token.
+    assert fleet_eu["next_renewal_at"] is not None
     assert token["access_token"] not in response.text + everything.text
 
 
@@ -444,7 +450,8 @@ async def test_metrics_names_and_route_templates(client: Client) -> None:
 
 
 async def test_openapi_lists_the_api(client: Client) -> None:
-    """The OpenAPI document has the three API operations, the caller-key scheme and problems."""
+    """The OpenAPI document has the three API operations, the caller-key scheme, problems and
+    every field of an account."""
     response = await client.get("/schema/openapi.json")
     assert response.status_code == 200
     schema = response.json()
@@ -463,6 +470,9 @@ async def test_openapi_lists_the_api(client: Client) -> None:
     get_token = schema["paths"]["/v1/accounts/{account}/token"]["get"]
     for status in ("401", "403", "503"):
         assert PROBLEM_JSON in get_token["responses"][status]["content"]
+    account = schema["components"]["schemas"]["AccountBody"]
+    assert set(account["required"]) == ACCOUNT_KEYS
+    assert account["properties"]["at_risk"]["type"] == "boolean"
     assert schema["info"]["version"]
 
 
