@@ -47,6 +47,8 @@ CONTRACT_METRICS = [
     "monogoto_broker_auth_budget_denied_total",
     "monogoto_broker_lock_wait_seconds",
     "monogoto_broker_caller_auth_failures_total",
+    "monogoto_broker_auth_budget_utilisation",
+    "monogoto_broker_accounts_at_risk",
 ]
 # Callers and services must see the same problem whatever is wrong with a request: these
 # would give it away if a body echoed what was sent.
