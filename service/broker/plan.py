@@ -127,6 +127,9 @@ def make_plan(
         range(len(accounts)),
         key=lambda i: (not jobs[i].used, -accounts[i].last_read, accounts[i].name),
     )
+    keep_rank = [0] * len(accounts)
+    for rank, i in enumerate(keep_order):
+        keep_rank[i] = rank
     schedule = _Schedule(
         accounts,
         jobs,
@@ -136,19 +139,7 @@ def make_plan(
         margin=margin,
         now=now,
     )
-    kept = len(accounts)
-    if schedule.run(keep_order, kept) is None:
-        # Give up as few accounts as possible: the most kept that still all meet every
-        # deadline (adding accounts can only take slots from the others).
-        low, high = 0, len(accounts) - 1
-        while low < high:
-            middle = (low + high + 1) // 2
-            if schedule.run(keep_order, middle) is not None:
-                low = middle
-            else:
-                high = middle - 1
-        kept = low
-    slots = schedule.slots(keep_order, kept)
+    slots = schedule.run(schedule.given_up(keep_rank))
     renewals = {
         account.name: Renewal(
             name=account.name,
@@ -206,24 +197,74 @@ class _Schedule:
         # Renewals due after this are not planned: every account's next one is before it.
         self._horizon = max(job.deadline for job in jobs)
 
-    def slots(self, keep_order: list[int], kept: int) -> list[float]:
-        """Each account's next slot with the first `kept` accounts of `keep_order` kept."""
-        slots = self.run(keep_order, kept, strict=False)
-        if slots is None:
-            raise RuntimeError("a schedule that is not strict always completes")
-        return slots
+    def given_up(self, keep_rank: list[int]) -> set[int]:
+        """The accounts to give up so that every other account's next renewal meets its
+        deadline: as few as possible, the last in `keep_rank` first.
 
-    def run(self, keep_order: list[int], kept: int, *, strict: bool = True) -> list[float] | None:
-        """Each account's next slot with the first `kept` accounts of `keep_order` kept, the
-        others planned only once the kept ones' renewals are; with `strict`, None as soon as a
-        kept account misses a deadline (and the others are not planned)."""
-        # Renewals not yet due: (release, deadline, account); then those due, by deadline.
-        waiting = [(self._jobs[i].release, self._jobs[i].deadline, i) for i in keep_order[:kept]]
+        Earliest-deadline-first, and whenever a renewal would come late, the account ranked
+        last among it and those renewed since the budget was last idle for a whole window is
+        given up, until it comes in time; the units freed go to the renewals after (Moore and
+        Hodgson's rule for the fewest late jobs, here an approximation: the plan itself is
+        then made again with those accounts given up).
+        """
+        jobs = self._jobs
+        waiting = [(job.release, job.deadline, i) for i, job in enumerate(jobs)]
         heapq.heapify(waiting)
-        given_up = keep_order[kept:]
         ready: list[tuple[float, int, int]] = []
-        used = [0 if job.used else 1 for job in self._jobs]
-        first: list[float | None] = [None] * len(self._jobs)
+        # The accounts whose next renewal was made since the budget was last idle, the last
+        # kept on top.
+        busy: list[tuple[int, int]] = []
+        given_up: set[int] = set()
+        planned = [False] * len(jobs)
+        used = [0 if job.used else 1 for job in jobs]
+        taken: list[float] = []
+        slot = self._now
+        limit, window = self._limit, self._window
+        horizon, offset, span = self._horizon, self._offset, self._span
+        while waiting or ready:
+            if len(taken) >= limit:
+                slot = max(slot, taken[-limit] + window)
+            if not ready and waiting[0][0] > slot:
+                slot = waiting[0][0]  # the budget is idle until then
+                if taken and slot >= taken[-1] + window:
+                    busy.clear()  # a whole window idle: earlier renewals no longer matter
+            while waiting and waiting[0][0] <= slot + _EPSILON:
+                _, deadline, i = heapq.heappop(waiting)
+                heapq.heappush(ready, (deadline, used[i], i))
+            deadline, _, i = heapq.heappop(ready)
+            if i in given_up:
+                continue
+            if not planned[i]:
+                planned[i] = True
+                heapq.heappush(busy, (-keep_rank[i], i))
+                while slot > deadline + _EPSILON:
+                    _, worst = heapq.heappop(busy)
+                    given_up.add(worst)
+                    if worst == i or not taken:
+                        break  # its unit goes to the next renewal
+                    # Every renewal since that of `worst` moves up one unit: this one takes
+                    # the last unit taken (not before it is due).
+                    slot = max(taken.pop(), jobs[i].release)
+                if i in given_up:
+                    continue
+            release = slot + offset[i]
+            if release <= horizon:
+                heapq.heappush(waiting, (release, slot + span[i], i))
+            taken.append(slot)
+        return given_up
+
+    def run(self, given_up: set[int]) -> list[float]:
+        """Each account's next slot, the `given_up` accounts planned only once the others'
+        renewals are."""
+        jobs = self._jobs
+        kept = [i for i in range(len(jobs)) if i not in given_up]
+        # Renewals not yet due: (release, deadline, account); then those due, by deadline.
+        waiting = [(jobs[i].release, jobs[i].deadline, i) for i in kept]
+        heapq.heapify(waiting)
+        later = sorted(given_up)
+        ready: list[tuple[float, int, int]] = []
+        used = [0 if job.used else 1 for job in jobs]
+        first: list[float | None] = [None] * len(jobs)
         # The slots given so far: at most `limit` in any window, none before now.
         taken: list[float] = []
         slot = self._now
@@ -231,12 +272,12 @@ class _Schedule:
         horizon, offset, span = self._horizon, self._offset, self._span
         while True:
             if not waiting and not ready:
-                if strict or not given_up:
+                if not later:
                     break
                 # The kept accounts' renewals are all planned: the others get what is left.
-                waiting = [(self._jobs[i].release, self._jobs[i].deadline, i) for i in given_up]
+                waiting = [(jobs[i].release, jobs[i].deadline, i) for i in later]
                 heapq.heapify(waiting)
-                given_up = []
+                later = []
             if len(taken) >= limit:
                 slot = max(slot, taken[-limit] + window)
             if not ready:
@@ -244,13 +285,8 @@ class _Schedule:
             while waiting and waiting[0][0] <= slot + _EPSILON:
                 _, deadline, i = heapq.heappop(waiting)
                 heapq.heappush(ready, (deadline, used[i], i))
-            deadline, _, i = heapq.heappop(ready)
+            _, _, i = heapq.heappop(ready)
             if first[i] is None:
-                # Only the next renewal is judged: the later ones are planned as made at the
-                # refresh point, which with the default fraction the budget cannot sustain past
-                # about 80 % of its capacity (renewals are then postponed towards deadlines).
-                if strict and slot > deadline + _EPSILON:
-                    return None
                 first[i] = slot
             # The renewal gives a new token; its own renewal is planned if it comes before
             # every account's next one is (it competes with them for the budget).
