@@ -3,16 +3,17 @@ and whether it comes in time (docs/broker.md, "Renewal planning").
 
 A pure model, computed from what a process knows (each account's token and when it was last
 read) and the budget's settings; it decides nothing, it predicts. Each account has a deadline,
-its token's expiry minus `min_remaining_seconds` minus a safety margin. The budget grants
-`limit` units in any window (a sliding log, like the budget itself), so the plan gives each
-free unit, its slot, to the renewal with the earliest deadline among those due (no renewal before
-its refresh point, `fraction` of the lifetime). Every renewal gives a new token whose renewal
-comes in turn, until every account's next renewal has its slot.
+its token's expiry minus `min_remaining_seconds` minus a safety margin. The budget grants at
+most `limit` units in any window (a sliding log), so the plan gives each free unit, its slot, to
+the renewal with the earliest deadline among those due (no renewal before its refresh point,
+`fraction` of the lifetime). Every renewal gives a new token whose renewal comes in turn, until
+every account's next renewal has its slot.
 
-When the renewals do not all fit, accounts are given up in a fixed order: idle ones (no read
-within two lifetimes) before used ones, the longest unread first: as few as possible, so that
-every kept account's next renewal meets its deadline. The given-up accounts are planned after
-the kept ones, in the slots left, and are at risk when these come after their deadlines.
+When the renewals do not all fit, the plan gives up as few accounts as it can: whenever a
+renewal would come late, the account ranked last among those competing for the same units is
+given up, idle ones (no read within two lifetimes) before used ones, the longest unread first.
+The given-up accounts are planned after the others, in the slots left, and are at risk when
+these come after their deadlines.
 """
 
 from __future__ import annotations
