@@ -69,6 +69,19 @@ ACCOUNT_CREDENTIALS = Gauge(
     ["account", "state"],
     multiprocess_mode="max",
 )
+# Every worker plans the same accounts on the same budget from the same shared records, so
+# they agree but for a few seconds; their maximum errs on the side of an alert.
+AUTH_BUDGET_UTILISATION = Gauge(
+    PREFIX + "auth_budget_utilisation",
+    "Planned load on the shared auth budget over its capacity: above 1, it cannot keep every "
+    "account renewed (the highest of the budgets, one per Monogoto base URL).",
+    multiprocess_mode="max",
+)
+ACCOUNTS_AT_RISK = Gauge(
+    PREFIX + "accounts_at_risk",
+    "Accounts whose next renewal the plan cannot make before their deadline.",
+    multiprocess_mode="max",
+)
 STORE_ERRORS = Counter(
     PREFIX + "store_errors_total",
     "Operations on the shared store that failed (Redis unreachable or too slow).",

@@ -8,7 +8,7 @@ from litestar.di import NamedDependency
 from service.api.problems import problem_responses
 from service.api.schemas import AccountBody, AccountsBody
 from service.api.security import Caller, requires_caller
-from service.broker.core import TokenBroker
+from service.broker.runtime import BrokerRuntime
 
 
 class AccountController(Controller):
@@ -24,11 +24,17 @@ class AccountController(Controller):
         responses=problem_responses(401),
     )
     async def list_accounts(
-        self, caller: NamedDependency[Caller], broker: NamedDependency[TokenBroker]
+        self, caller: NamedDependency[Caller], runtime: NamedDependency[BrokerRuntime]
     ) -> AccountsBody:
         """Each account's dialect, status (`ok`, `refreshing`, `failing`, `credentials_rejected`,
-        `no_token`), token expiry, last refresh and last error; times are ISO 8601 UTC or null."""
-        views = broker.accounts()
+        `no_token`), token expiry, last refresh, last error, next planned renewal and whether
+        the plan puts it at risk; times are ISO 8601 UTC or null."""
+        views = runtime.broker.accounts()
+        plan = runtime.capacity
         return AccountsBody(
-            [AccountBody.of(view) for view in views if view.name in caller.accounts]
+            [
+                AccountBody.of(view, plan.renewal(view.name))
+                for view in views
+                if view.name in caller.accounts
+            ]
         )

@@ -19,6 +19,7 @@ from service.audit import AuditOutcome
 from service.broker import BrokerError, CredentialsStatus
 from service.broker.core import TokenBroker
 from service.broker.model import NoSuchAccountError
+from service.broker.runtime import BrokerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,12 @@ class AccountActionController(Controller):
         request: _Request,
         account: FromPath[str],
         caller: NamedDependency[Caller],
-        broker: NamedDependency[TokenBroker],
+        runtime: NamedDependency[BrokerRuntime],
     ) -> AccountBody:
         """Forgets the account's credentials-rejected marker in the store and every replica's
         rejection and back-off of it, so the next renewal may call Monogoto at once (within the
         shared budget). Idempotent. Answers the account's state in this process."""
+        broker = runtime.broker
         _configured(broker, account)
         try:
             await broker.reset(account)
@@ -107,7 +109,7 @@ class AccountActionController(Controller):
             raise
         _audited(request, RESET_EVENT, caller, account, AuditOutcome.RESET)
         [view] = [view for view in broker.accounts() if view.name == account]
-        return AccountBody.of(view)
+        return AccountBody.of(view, runtime.capacity.renewal(account))
 
 
 def _audited(

@@ -13,6 +13,7 @@ from typing import Annotated
 import msgspec
 
 from service.broker import AccountStatus, AccountView, CredentialsStatus, IssuedToken
+from service.broker.plan import Renewal
 from service.config import Dialect
 
 _BEARER = "Bearer"  # the only token type Monogoto issues
@@ -75,10 +76,12 @@ class AccountBody(msgspec.Struct):
     last_refresh_at: str | None
     last_error: str | None
     credentials: CredentialsStatus
+    next_renewal_at: str | None
+    at_risk: bool
 
     @classmethod
-    def of(cls, view: AccountView) -> AccountBody:
-        """The body for one account."""
+    def of(cls, view: AccountView, renewal: Renewal | None) -> AccountBody:
+        """The body for one account, with its place in the renewal plan if it has one."""
         return cls(
             name=view.name,
             dialect=view.dialect,
@@ -87,6 +90,8 @@ class AccountBody(msgspec.Struct):
             last_refresh_at=_utc_iso_or_none(view.last_refresh_at),
             last_error=view.last_error,
             credentials=view.credentials,
+            next_renewal_at=None if renewal is None else utc_iso(renewal.next_renewal_at),
+            at_risk=renewal is not None and renewal.at_risk,
         )
 
 

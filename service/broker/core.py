@@ -164,7 +164,9 @@ class TokenBroker:
         state = self._state(account)
         need = max(min_ttl, self._refresh.min_remaining_seconds)
         local = state.token
-        if local is not None and local.good_until - time.time() >= need:
+        now = time.time()
+        if local is not None and local.good_until - now >= need:
+            state.last_read = now
             return local.issue(Outcome.LOCAL)
         if local is not None:
             self._check_reachable(min_ttl, local.record)
@@ -179,6 +181,7 @@ class TokenBroker:
         )
         self._check_reachable(min_ttl, record)
         issued = self._issue(account, record, outcome)
+        state.last_read = time.time()
         if forced and outcome is Outcome.FETCHED:
             return replace(issued, forced=True)
         return issued

@@ -11,6 +11,7 @@ import httpx
 
 from service.audit import AuditLog, open_audit_log
 from service.broker.budget import AuthBudget
+from service.broker.capacity import CapacityMonitor
 from service.broker.core import Timing, TokenBroker
 from service.broker.refresher import Refresher
 from service.broker.sync import StoreSync
@@ -99,6 +100,8 @@ class BrokerRuntime:
         self._client = client
         self._budget = budget
         self._refresher = Refresher(broker, settings.refresh)
+        # The renewal plan: its gauges, and each account's next renewal for /v1/accounts.
+        self.capacity = CapacityMonitor(broker, settings)
         self._tasks: list[asyncio.Task[None]] = []
         # One refresher task per account, by account name.
         self._refreshing: dict[str, asyncio.Task[None]] = {}
@@ -153,7 +156,13 @@ class BrokerRuntime:
             self._sync.store_ok = False
 
     def _spawn(self) -> None:
-        coroutines = [self._sync.listen_forever(), self._sync.poll_forever()]
+        # The first plan at once, from the tokens the warm-up found.
+        self.capacity.update()
+        coroutines = [
+            self._sync.listen_forever(),
+            self._sync.poll_forever(),
+            self.capacity.run_forever(),
+        ]
         self._tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
         for account in self.broker.names:
             self._refreshing[account] = asyncio.create_task(self._refresher.run(account))
@@ -179,6 +188,7 @@ class BrokerRuntime:
         self.broker.apply(
             settings.accounts_resolved(), settings.refresh, timing_for(settings, retry)
         )
+        self.capacity.configure(settings)
         for account in self._refreshing.keys() - set(self.broker.names):
             self._refreshing.pop(account).cancel()
         for account in self.broker.names:

@@ -36,13 +36,8 @@ PROBLEM_JSON = "application/problem+json"
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 TOKEN_KEYS = {"account", "access_token", "token_type", "expires_at", "expires_in", "customer_id"}
 ACCOUNT_KEYS = {
-    "name",
-    "dialect",
-    "status",
-    "expires_at",
-    "last_refresh_at",
-    "last_error",
-    "credentials",
+    *("name", "dialect", "status", "expires_at", "last_refresh_at", "last_error"),
+    *("credentials", "next_renewal_at", "at_risk"),
 }
 CONTRACT_METRICS = [
     "monogoto_broker_token_requests_total",
@@ -52,6 +47,8 @@ CONTRACT_METRICS = [
     "monogoto_broker_auth_budget_denied_total",
     "monogoto_broker_lock_wait_seconds",
     "monogoto_broker_caller_auth_failures_total",
+    "monogoto_broker_auth_budget_utilisation",
+    "monogoto_broker_accounts_at_risk",
 ]
 # Callers and services must see the same problem whatever is wrong with a request: these
 # would give it away if a body echoed what was sent.
@@ -411,11 +408,14 @@ async def test_accounts_are_filtered_per_caller(client: Client) -> None:
             "credentials_rejected",
             "no_token",
         )
-        for field in ("expires_at", "last_refresh_at"):
+        for field in ("expires_at", "last_refresh_at", "next_renewal_at"):
             assert account[field] is None or ISO_UTC.fullmatch(account[field])
+        assert isinstance(account["at_risk"], bool)
     fleet_eu = next(account for account in accounts if account["name"] == "fleet-eu")
     assert fleet_eu["status"] == "ok"
     assert fleet_eu["expires_at"] == token["expires_at"]
+    # Planned at start-up (no token yet: a login at once), or since with the token.
+    assert fleet_eu["next_renewal_at"] is not None
     assert token["access_token"] not in response.text + everything.text
 
 
@@ -452,7 +452,8 @@ async def test_metrics_names_and_route_templates(client: Client) -> None:
 
 
 async def test_openapi_lists_the_api(client: Client) -> None:
-    """The OpenAPI document has the API operations, the caller-key scheme and problems."""
+    """The OpenAPI document has the API operations, the caller-key scheme, problems and every
+    field of an account."""
     response = await client.get("/schema/openapi.json")
     assert response.status_code == 200
     schema = response.json()
@@ -473,6 +474,9 @@ async def test_openapi_lists_the_api(client: Client) -> None:
     get_token = schema["paths"]["/v1/accounts/{account}/token"]["get"]
     for status in ("401", "403", "503"):
         assert PROBLEM_JSON in get_token["responses"][status]["content"]
+    account = schema["components"]["schemas"]["AccountBody"]
+    assert set(account["required"]) == ACCOUNT_KEYS
+    assert account["properties"]["at_risk"]["type"] == "boolean"
     assert schema["info"]["version"]
 
 

@@ -20,9 +20,10 @@ from service.broker import (
     UpstreamUnavailableError,
 )
 from service.claims import read_claims
+from service.config import build_settings
 from service.simulator.client import SimulatorControl
 from service.store import TokenRecord
-from tests.integration.conftest import StartReplicas, logins
+from tests.integration.conftest import StartReplicas, broker_config, logins
 from tests.support import eventually
 
 if TYPE_CHECKING:
@@ -317,3 +318,24 @@ async def test_rejected_credentials_stay_rejected_while_redis_is_down(
     finally:
         redis_server.start()
     assert simulator.calls("v1_token") == 1
+
+
+async def test_the_renewal_plan_follows_the_tokens_and_a_reloaded_budget(
+    start_replicas: StartReplicas,
+    redis_url: str,
+    simulator_url: str,
+    simulator_users: dict[str, str],
+) -> None:
+    """Three accounts without tokens on one call per 10 s: planned at start-up, some at risk
+    (their logins come one per 10 s); a reload to a larger budget plans them all in time."""
+    [replica] = await start_replicas(accounts=3, limit=1, period=9)
+    plan = replica.capacity
+    assert all(plan.renewal(f"acct-{index}") is not None for index in range(3))
+    [before] = plan.update()
+    assert before.at_risk
+    assert before.utilisation > 0
+    config = broker_config(redis_url, simulator_url, simulator_users, accounts=3, limit=100)
+    replica.apply(build_settings(config))
+    [after] = plan.update()
+    assert after.at_risk == []
+    assert after.capacity == pytest.approx(100 / 61)

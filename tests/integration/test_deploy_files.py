@@ -174,7 +174,8 @@ def test_dashboard_names_only_exposed_metrics(
 
 def test_required_alerts_exist() -> None:
     """Operators get alerted on expiring tokens, rejected credentials, upstream trouble, budget
-    exhaustion and a broker without ready replicas."""
+    exhaustion, a renewal plan near or past the budget's capacity and a broker without ready
+    replicas."""
     expressions = alert_expressions()
     read = {alert: metric_names(expression) for alert, expression in expressions.items()}
     needed = {
@@ -182,11 +183,28 @@ def test_required_alerts_exist() -> None:
         "monogoto_broker_credentials_rejected",
         "monogoto_broker_upstream_requests_total",
         "monogoto_broker_auth_budget_denied_total",
+        "monogoto_broker_auth_budget_utilisation",
+        "monogoto_broker_accounts_at_risk",
         "kube_deployment_status_replicas_available",
     }
     assert needed <= set().union(*read.values())
+    assert "monogoto_broker_auth_budget_utilisation" in metric_names(
+        expressions["MonogotoBrokerAuthBudgetNearCapacity"]
+    )
+    assert "monogoto_broker_accounts_at_risk" in metric_names(
+        expressions["MonogotoBrokerAccountsAtRisk"]
+    )
     rate_limited = [a for a, e in expressions.items() if 'result="rate_limited"' in e]
     assert rate_limited, "no alert on Monogoto answering 429"
+
+
+def test_dashboard_shows_the_renewal_plan() -> None:
+    """The dashboard has a panel for the planned utilisation and one for accounts at risk."""
+    read = set().union(*(metric_names(e) for e in dashboard_expressions().values()))
+    assert {
+        "monogoto_broker_auth_budget_utilisation",
+        "monogoto_broker_accounts_at_risk",
+    } <= read
 
 
 def test_chart_and_plain_alerts_are_identical() -> None:

@@ -158,7 +158,8 @@ def test_serve_with_two_workers_shares_redis_and_metrics(
     simulator_users: dict[str, str],
     redis_url: str,
 ) -> None:
-    """Two workers on Redis: tokens, metrics of both workers, clean SIGTERM, temp dir removed."""
+    """Two workers on Redis: tokens, metrics of both workers (gauges as their maximum), clean
+    SIGTERM, temp dir removed."""
     config = tmp_path / "broker.yaml"
     extra = {"redis_url": redis_url, "encryption_keys": new_encryption_key()}
     key = write_config(config, simulator.base_url, simulator_users, **extra)
@@ -180,6 +181,10 @@ def test_serve_with_two_workers_shares_redis_and_metrics(
 
     assert metrics.status_code == 200
     assert token_requests(metrics.text) == _TOKEN_REQUESTS
+    # The plan's gauges, one series each: the maximum over the workers.
+    for gauge in ("auth_budget_utilisation", "accounts_at_risk"):
+        [line] = [x for x in metrics.text.splitlines() if x.startswith(f"monogoto_broker_{gauge} ")]
+        assert float(line.split()[1]) >= 0
     assert answer.status_code == 200, answer.text
     new_token = answer.json()["access_token"]
     assert new_token != old_token
