@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from service.broker.budget import URGENCY, Urgency
+from service.broker.budget import CLAIM, Claim, Urgency, budget_scope
 from service.broker.model import (
     AccountView,
     InvalidRequestError,
@@ -39,6 +39,12 @@ STORE_RETRY_AFTER_SECONDS = 5.0
 STILL_OBTAINING_RETRY_AFTER_SECONDS = 5.0
 # A caller may force one renewal of an account per this interval (Monogoto's own window).
 FORCED_RENEWAL_INTERVAL_SECONDS = 60.0
+# A renewal's deadline (what orders it in the budget's queue) comes this long before the
+# token would leave less than `min_remaining_seconds`: time for the upstream call itself.
+DEADLINE_MARGIN_SECONDS = 5.0
+# An account nobody read on this replica for this many token lifetimes is renewed after those
+# that are read, when the budget cannot renew all of them in time.
+IDLE_LIFETIMES = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,8 @@ class TokenBroker:
         # Per account: the obtain in flight, and the caller it charges a forced renewal to.
         self._flights: dict[str, tuple[asyncio.Future[tuple[TokenRecord, Outcome]], str | None]]
         self._flights = {}
+        # Per account: the claim on the auth budget of the obtain in flight.
+        self._claims: dict[str, Claim] = {}
 
     def apply(self, accounts: dict[str, Account], refresh: RefreshSettings, timing: Timing) -> None:
         """Take a reloaded configuration at once (no request waits for it).
@@ -132,21 +140,26 @@ class TokenBroker:
         state = self._state(account)
         need = max(min_ttl, self._refresh.min_remaining_seconds)
         local = state.token
-        if local is not None and local.good_until - time.time() >= need:
+        now = time.time()
+        if local is not None and local.good_until - now >= need:
+            state.last_read = now
             return local.issue(Outcome.LOCAL)
         if local is not None:
             self._check_reachable(min_ttl, local.record)
         forced = local is not None and self._keeps(local.record)
+        claim = Claim(Urgency.FORCED, now) if forced else self._demand(now)
         record, outcome = await self._waited(
             self._obtain(
                 account,
                 lambda record: record.usable_until - time.time() >= need,
+                claim,
                 take_fetched=True,
                 forced_by=(caller or "") if forced else None,
             )
         )
         self._check_reachable(min_ttl, record)
         issued = self._issue(account, record, outcome)
+        state.last_read = time.time()
         if forced and outcome is Outcome.FETCHED:
             return replace(issued, forced=True)
         return issued
@@ -180,6 +193,7 @@ class TokenBroker:
                     record.access_token.get_secret_value() != access_token
                     and record.usable_until - time.time() >= self._need
                 ),
+                self._demand(time.time()),
                 revoke=access_token,
             )
         )
@@ -194,8 +208,42 @@ class TokenBroker:
 
     async def refresh(self, account: str) -> Outcome:
         """Renew `account` if its token is due (or missing); SHARED if another replica did."""
-        _, outcome = await self._obtain(account, lambda record: not self.due(record))
+        claim = self.renewal_claim(account)
+        _, outcome = await self._obtain(account, lambda record: not self.due(record), claim)
         return outcome
+
+    def _demand(self, now: float) -> Claim:
+        """The claim of a caller that waits for a token: first come, first served, for as long
+        as the caller waits."""
+        return Claim(Urgency.DEMAND, now, wait_until=now + self._timing.max_wait_seconds)
+
+    def deadline(self, account: str) -> float:
+        """When `account`'s token must be renewed at the latest (wall clock): the cached token's
+        expiry less `min_remaining_seconds` and a margin for the call; now if there is none."""
+        token = self._states[account].token
+        now = time.time()
+        if token is None or not token.usable(0.0):
+            return now
+        return token.expires_at - self._need - DEADLINE_MARGIN_SECONDS
+
+    def renewal_claim(self, account: str) -> Claim:
+        """A background renewal's claim: by deadline, after the renewals of accounts read lately
+        if nobody read this one for `IDLE_LIFETIMES` lifetimes here. It waits for a unit until
+        the token expires (callers of the account then wait with it), or for as long as a lock
+        waiter would wait for it when there is no token."""
+        state = self._states[account]
+        now = time.time()
+        token = state.token
+        lifetime = None if token is None else token.record.lifetime
+        idle = state.last_read == 0.0 or (
+            lifetime is not None and now - state.last_read > IDLE_LIFETIMES * lifetime
+        )
+        expires_at = 0.0 if token is None else token.expires_at
+        return Claim(
+            Urgency.IDLE if idle else Urgency.RENEWAL,
+            self.deadline(account),
+            wait_until=max(expires_at, now + self._timing.wait_seconds),
+        )
 
     def _issue(self, account: str, record: TokenRecord, outcome: Outcome) -> IssuedToken:
         """The cached token after an obtain; 503 if it cannot be served (the store offered a
@@ -323,12 +371,14 @@ class TokenBroker:
         self,
         account: str,
         wanted: Wanted,
+        claim: Claim,
         *,
         take_fetched: bool = False,
         revoke: str | None = None,
         forced_by: str | None = None,
     ) -> tuple[TokenRecord, Outcome]:
-        """One in-flight obtain per account in this process; late callers share its result.
+        """One in-flight obtain per account in this process; late callers share its result,
+        and its claim on the auth budget takes theirs where they are more urgent.
 
         A joiner whose `wanted` the shared result does not meet starts the next round, unless
         `take_fetched` and the result came from Monogoto just now: a token that new is as good
@@ -341,12 +391,14 @@ class TokenBroker:
             # and awaiting it again would spin without ever yielding to the loop.
             if flight is None or flight.done():
                 flight = asyncio.ensure_future(
-                    self._obtain_once(account, wanted, revoke=revoke, forced_by=forced_by)
+                    self._obtain_once(account, wanted, claim, revoke=revoke, forced_by=forced_by)
                 )
                 self._flights[account] = (flight, forced_by)
+                self._claims[account] = claim
                 flight.add_done_callback(lambda done: self._landed(account, done))
                 # shield: a caller hanging up must not cancel the work others are waiting for.
                 return await self._shielded(account, flight)
+            self._claims[account].join(claim)
             try:
                 record, outcome = await self._shielded(account, flight)
             except RenewalRateLimitedError:
@@ -373,6 +425,7 @@ class TokenBroker:
     def _landed(self, account: str, flight: asyncio.Future[tuple[TokenRecord, Outcome]]) -> None:
         if self._flights.get(account, (None, None))[0] is flight:
             del self._flights[account]
+            del self._claims[account]
         # Everyone who waited may have hung up; the outcome is already logged and counted.
         if not flight.cancelled():
             flight.exception()
@@ -383,10 +436,16 @@ class TokenBroker:
             flight.cancel()
 
     async def _obtain_once(
-        self, account: str, wanted: Wanted, *, revoke: str | None, forced_by: str | None
+        self,
+        account: str,
+        wanted: Wanted,
+        claim: Claim,
+        *,
+        revoke: str | None,
+        forced_by: str | None,
     ) -> tuple[TokenRecord, Outcome]:
         # This task's own context: the budget sees how urgent its upstream attempts are.
-        URGENCY.set(Urgency.NEEDED if forced_by is None else Urgency.FORCED)
+        CLAIM.set(claim)
         try:
             record = await self._current(account)
             if record is not None and wanted(record):
@@ -516,6 +575,7 @@ class TokenBroker:
                         "another replica is still obtaining this account's token",
                         retry_after=POLL_SECONDS * 4,
                     )
+                await self._hasten(account)
                 try:
                     async with asyncio.timeout(min(POLL_SECONDS, remaining)):
                         await changed.wait()
@@ -523,6 +583,15 @@ class TokenBroker:
                     pass
         finally:
             LOCK_WAIT.observe(time.monotonic() - started)
+
+    async def _hasten(self, account: str) -> None:
+        """A caller waits for a renewal another replica holds the lock for: that renewal's
+        claim on the budget becomes this caller's, if more urgent."""
+        claim = CLAIM.get()
+        if claim is None or claim.urgency is not Urgency.DEMAND:
+            return
+        scope = budget_scope(self._accounts[account].base_url)
+        await self._store.hasten(scope, account, claim.priority)
 
     def _without_store(self, account: str, wanted: Wanted) -> tuple[TokenRecord, Outcome]:
         """Static stability: no store means no lock and no budget, so no upstream call; serve

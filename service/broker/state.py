@@ -65,6 +65,9 @@ class AccountState:
     rejected_since: float = 0.0
     # After a transient failure, no new attempt from this process before this (monotonic).
     retry_at: float = 0.0
+    # When a caller was last served a token of this account by this process (wall clock; 0.0
+    # if never): accounts nobody reads are renewed last when the budget is short.
+    last_read: float = 0.0
     # Replaced by a fresh event on every change; waiters hold the one current when they looked.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
