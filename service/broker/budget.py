@@ -61,6 +61,8 @@ class Claim:
     urgency: Urgency
     at: float
     wait_until: float = 0.0
+    # Set when the obtain lost the account's lock: no attempt is made for it any more.
+    withdrawn: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     @property
@@ -76,6 +78,12 @@ class Claim:
         if other.priority < self.priority:
             self.urgency, self.at = other.urgency, other.at
         self.wait_until = max(self.wait_until, other.wait_until)
+        self.changed.set()
+
+    def withdraw(self) -> None:
+        """The obtain lost the account's lock (its lease ran out, the store lost it): another
+        replica may be renewing the account now, so its waiting attempt gives up."""
+        self.withdrawn = True
         self.changed.set()
 
 
@@ -132,6 +140,8 @@ class AuthBudget:
         claim = CLAIM.get() or Claim(Urgency.RENEWAL, time.time())
         scope = budget_scope(account.base_url)
         while True:
+            if claim.withdrawn:
+                raise BudgetExhaustedError(account.name, operation, MAX_POLL_SECONDS)
             # A renewal a caller forced leaves half the budget to renewals that keep tokens
             # valid.
             forced = claim.urgency is Urgency.FORCED
@@ -149,6 +159,8 @@ class AuthBudget:
             )
             if wait <= 0:
                 return
+            if claim.withdrawn:
+                raise BudgetExhaustedError(account.name, operation, MAX_POLL_SECONDS)
             left = claim.wait_until - time.time()
             if wait > left and not claim.changed.is_set():
                 AUTH_BUDGET_DENIED.inc()

@@ -546,6 +546,11 @@ class TokenBroker:
                     log.warning(
                         "lost the account's lock while renewing", extra={"account": account}
                     )
+                    # An attempt still waiting for budget is not made: another replica may
+                    # be renewing the account by now.
+                    claim = CLAIM.get()
+                    if claim is not None:
+                        claim.withdraw()
                     return
             except StoreUnavailableError:
                 STORE_ERRORS.labels("extend_lock").inc()
