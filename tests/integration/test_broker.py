@@ -18,6 +18,7 @@ from service.broker import (
     InvalidRequestError,
     Outcome,
     UpstreamUnavailableError,
+    runtime,
 )
 from service.claims import read_claims
 from service.simulator.client import SimulatorControl
@@ -321,3 +322,22 @@ async def test_rejected_credentials_stay_rejected_while_redis_is_down(
     finally:
         redis_server.start()
     assert simulator.calls("v1_token") == 1
+
+
+async def test_a_renewal_waiting_for_budget_keeps_its_lock_past_the_lease(
+    start_replicas: StartReplicas, simulator: SimulatorControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two accounts on a budget of one per window, two replicas starting cold: the renewal
+    that waits a whole window for its unit holds the account's lock all along (its watchdog
+    renews the 0.6 s lease), so no other replica starts a second login of that account."""
+    monkeypatch.setattr(runtime, "LOCK_LEASE_SECONDS", 0.6)
+    simulator.set(rate_limit=1, rate_period_seconds=2)
+    replicas = await start_replicas(2, accounts=2, limit=1, period=2)
+    started = time.monotonic()
+    await asyncio.gather(
+        *(replica.broker.get(name) for replica in replicas for name in ("acct-0", "acct-1"))
+    )
+    assert time.monotonic() - started > 2.0, "one login waited for the next window"
+    await asyncio.sleep(3.5)  # a second login of either account would have had its unit
+    assert logins(simulator) == 2
+    assert simulator.calls("v1_token", "rate_limited") == 0
