@@ -8,6 +8,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
@@ -63,6 +64,9 @@ class Claim:
     wait_until: float = 0.0
     # Set when the obtain lost the account's lock: no attempt is made for it any more.
     withdrawn: bool = False
+    # Asked after each wait, before the budget is asked again: false when the renewal is no
+    # longer needed (another replica wrote a token that will do meanwhile).
+    still_needed: Callable[[], Awaitable[bool]] | None = field(default=None, repr=False)
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     @property
@@ -101,6 +105,13 @@ class BudgetExhaustedError(UpstreamError):
     def __init__(self, account: str, operation: Operation, retry_after: float) -> None:
         super().__init__(account, operation, f"auth budget exhausted for {retry_after:.1f} s")
         self.retry_after = retry_after
+
+
+class SupersededError(BudgetExhaustedError):
+    """The renewal stopped waiting for budget because it is no longer needed: nothing was
+    sent, and the record that made it unnecessary is there to take."""
+
+    result = "superseded"
 
 
 def budget_scope(base_url: str) -> str:
@@ -170,6 +181,8 @@ class AuthBudget:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(wait, MAX_POLL_SECONDS)):
                     await claim.changed.wait()
+            if claim.still_needed is not None and not await claim.still_needed():
+                raise SupersededError(account.name, operation, 0.0)
 
     async def rate_limited(self, account: Account, retry_after: float | None) -> None:
         """Monogoto said 429: hold every replica back for its Retry-After (at most the cap)."""

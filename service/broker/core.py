@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from service.broker.budget import CLAIM, Claim, Urgency, budget_scope
+from service.broker.budget import CLAIM, Claim, SupersededError, Urgency, budget_scope
 from service.broker.model import (
     AccountView,
     InvalidRequestError,
@@ -527,7 +527,24 @@ class TokenBroker:
                 and record is not None
                 and record.access_token.get_secret_value() == revoke
             )
-            renewed = await self._renewer.renew(account, record, lock=lock, revoke=revoked)
+            found: list[TokenRecord] = []
+
+            async def still_needed() -> bool:
+                """Re-checked while the renewal waits for budget (the store may have come
+                back empty and had the record written back, another replica may have won)."""
+                record = await self._current(account)
+                if record is not None and wanted(record):
+                    found.append(record)
+                    return False
+                return True
+
+            claim = CLAIM.get()
+            if claim is not None:
+                claim.still_needed = still_needed
+            try:
+                renewed = await self._renewer.renew(account, record, lock=lock, revoke=revoked)
+            except SupersededError:
+                return found[-1], Outcome.SHARED
             return renewed, Outcome.FETCHED
         finally:
             watchdog.cancel()

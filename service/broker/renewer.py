@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from pydantic import SecretStr
 
-from service.broker.budget import BudgetExhaustedError
+from service.broker.budget import BudgetExhaustedError, SupersededError
 from service.broker.model import BrokerError, CredentialsRejectedError, UpstreamUnavailableError
 from service.broker.state import AccountState
 from service.claims import fingerprint
@@ -134,6 +134,8 @@ class Renewer:
             if current is not None and refresh_token is not None and not error.refresh_token_spent:
                 # The refresh certainly never reached Monogoto: its token is still good.
                 await self._keep_refresh_token(account, current, refresh_token, lock)
+            if isinstance(error, SupersededError):
+                raise  # not a failure: the broker takes the record that made it unnecessary
             raise await self._failed(account, error, credentials) from None
         local = state.token
         replaces = max(current.version if current else 0, local.record.version if local else 0)

@@ -17,6 +17,7 @@ from service.broker.budget import (
     AuthBudget,
     BudgetExhaustedError,
     Claim,
+    SupersededError,
     Urgency,
 )
 from service.config import Account, AuthRate, Dialect
@@ -149,3 +150,38 @@ def test_a_forced_claim_keeps_its_class_when_joined() -> None:
     forced.join(Claim(Urgency.DEMAND, time.time(), wait_until=time.time() + 10))
     assert forced.urgency is Urgency.FORCED
     assert forced.wait_until == 0.0
+
+
+async def test_a_waiting_renewal_stops_once_it_is_no_longer_needed() -> None:
+    """Asked after each wait, a renewal that became unnecessary gives up its place at once."""
+    auth = budget(MemoryStore())
+    granted: list[str] = []
+    await attempt(auth, "first", waiting(Urgency.DEMAND, time.time()), granted)
+    claim = waiting(Urgency.RENEWAL, time.time())
+    checks: list[float] = []
+
+    async def still_needed() -> bool:
+        checks.append(time.monotonic())
+        return False
+
+    claim.still_needed = still_needed
+    began = time.monotonic()
+    with pytest.raises(SupersededError):
+        await attempt(auth, "renewal", claim, granted)
+    assert granted == ["first"]
+    assert len(checks) == 1
+    assert checks[0] - began <= 1.1, "asked after its first wait (at most a second)"
+
+
+async def test_a_renewal_that_lost_its_lock_stops_waiting() -> None:
+    """Withdrawn (its lock lost), a waiting attempt gives up without taking a unit."""
+    auth = budget(MemoryStore())
+    granted: list[str] = []
+    await attempt(auth, "first", waiting(Urgency.DEMAND, time.time()), granted)
+    claim = waiting(Urgency.RENEWAL, time.time())
+    task = asyncio.ensure_future(attempt(auth, "renewal", claim, granted))
+    await asyncio.sleep(0.1)
+    claim.withdraw()
+    with pytest.raises(BudgetExhaustedError):
+        await asyncio.wait_for(task, timeout=1.0)
+    assert granted == ["first"]
