@@ -395,6 +395,7 @@ class RedisStore:
         async with self._reaching("while reading the store's epoch"):
             epoch = (await self._take_survey()).epoch
         if self._seen_epoch and epoch != self._seen_epoch:
+            await self._topology.drop_idle()
             for scope in list(self._windows):
                 cooling = self._cool_until.get(scope, 0.0) - time.monotonic()
                 await self._run_cool_down(scope, max(0, int(cooling * 1000)))
