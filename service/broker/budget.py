@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import math
+import time
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from enum import Enum
 
 from service.config import Account, AuthRate
@@ -24,16 +29,71 @@ DEFAULT_COOL_DOWN_SECONDS = 60.0
 DEFAULT_MAX_COOL_DOWN_SECONDS = 300.0
 
 
+# Priorities of the renewal queue: the class first, then a time in ms (lower is more urgent).
+CLASS_SCALE = 1e13
+# A background renewal asks the budget again at least this often while it waits (a caller
+# may have joined meanwhile, or a more urgent claim left the queue).
+MAX_POLL_SECONDS = 1.0
+
+
 class Urgency(Enum):
-    """Why a renewal is made: a token is needed, or a caller forced one while the current
-    token was still good (a `min_ttl` it cannot meet, the report of a still-valid token)."""
+    """Why a renewal is made, in the order the budget serves them under contention.
 
-    NEEDED = "needed"
-    FORCED = "forced"
+    DEMAND: a caller waits for an account that has no usable token (first come, first
+    served). RENEWAL: a background renewal of an account callers read (earliest deadline
+    first). IDLE: the same for an account nobody read lately. FORCED: a caller forced one while
+    the current token was still good (a `min_ttl` it cannot meet, the report of a still-valid
+    token); it never waits, and leaves half the budget to the others.
+    """
+
+    DEMAND = 0
+    RENEWAL = 1
+    IDLE = 2
+    FORCED = 3
 
 
-#: The urgency of the renewal the current task makes; set by the broker for its obtain task.
-URGENCY: ContextVar[Urgency] = ContextVar("renewal_urgency", default=Urgency.NEEDED)
+@dataclass(slots=True)
+class Claim:
+    """What one obtain asks of the budget: its urgency, the time that orders it within its
+    class (a caller's arrival, a renewal's deadline; wall clock), and until when it waits for a
+    unit (wall clock; 0 to never wait). A caller joining a renewal in progress raises its
+    claim (`join`), and the waiting attempt sees it at once."""
+
+    urgency: Urgency
+    at: float
+    wait_until: float = 0.0
+    # Set when the obtain lost the account's lock: no attempt is made for it any more.
+    withdrawn: bool = False
+    # Asked after each wait, before the budget is asked again: false when the renewal is no
+    # longer needed (another replica wrote a token that will do meanwhile).
+    still_needed: Callable[[], Awaitable[bool]] | None = field(default=None, repr=False)
+    changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+
+    @property
+    def priority(self) -> float:
+        """The queue's score: the class, then the time in ms."""
+        return self.urgency.value * CLASS_SCALE + max(0, int(self.at * 1000))
+
+    def join(self, other: Claim) -> None:
+        """Take `other`'s claim too where it is more urgent (a forced claim stays as it is:
+        its caller was charged for it, and it keeps the reserve)."""
+        if self.urgency is Urgency.FORCED:
+            return
+        if other.priority < self.priority:
+            self.urgency, self.at = other.urgency, other.at
+        self.wait_until = max(self.wait_until, other.wait_until)
+        self.changed.set()
+
+    def withdraw(self) -> None:
+        """The obtain lost the account's lock (its lease ran out, the store lost it): another
+        replica may be renewing the account now, so its waiting attempt gives up."""
+        self.withdrawn = True
+        self.changed.set()
+
+
+#: The claim of the obtain the current task makes; set by the broker for its obtain task.
+#: Without one (no broker), an attempt is a renewal that does not wait.
+CLAIM: ContextVar[Claim | None] = ContextVar("renewal_claim", default=None)
 
 
 class BudgetExhaustedError(UpstreamError):
@@ -45,6 +105,13 @@ class BudgetExhaustedError(UpstreamError):
     def __init__(self, account: str, operation: Operation, retry_after: float) -> None:
         super().__init__(account, operation, f"auth budget exhausted for {retry_after:.1f} s")
         self.retry_after = retry_after
+
+
+class SupersededError(BudgetExhaustedError):
+    """The renewal stopped waiting for budget because it is no longer needed: nothing was
+    sent, and the record that made it unnecessary is there to take."""
+
+    result = "superseded"
 
 
 def budget_scope(base_url: str) -> str:
@@ -79,15 +146,43 @@ class AuthBudget:
         self._max_cool_down = max_cool_down
 
     async def before_attempt(self, account: Account, operation: Operation) -> None:
-        """Take a unit or raise BudgetExhaustedError (StoreUnavailableError if Redis is down)."""
-        # A renewal a caller forced leaves half the budget to renewals that keep tokens valid.
-        reserve = self._limit // 2 if URGENCY.get() is Urgency.FORCED else 0
-        wait = await self._store.take_budget(
-            budget_scope(account.base_url), self._limit, self._window, reserve=reserve
-        )
-        if wait > 0:
-            AUTH_BUDGET_DENIED.inc()
-            raise BudgetExhaustedError(account.name, operation, wait)
+        """Take a unit, waiting for it in the renewal queue as long as the obtain's claim
+        allows; else raise BudgetExhaustedError (StoreUnavailableError if Redis is down)."""
+        claim = CLAIM.get() or Claim(Urgency.RENEWAL, time.time())
+        scope = budget_scope(account.base_url)
+        while True:
+            if claim.withdrawn:
+                raise BudgetExhaustedError(account.name, operation, MAX_POLL_SECONDS)
+            # A renewal a caller forced leaves half the budget to renewals that keep tokens
+            # valid.
+            forced = claim.urgency is Urgency.FORCED
+            reserve = self._limit // 2 if forced else 0
+            left = claim.wait_until - time.time()
+            claim.changed.clear()
+            wait = await self._store.take_budget(
+                scope,
+                self._limit,
+                self._window,
+                reserve=reserve,
+                account=account.name,
+                priority=claim.priority,
+                enqueue=left > 0,
+            )
+            if wait <= 0:
+                return
+            if claim.withdrawn:
+                raise BudgetExhaustedError(account.name, operation, MAX_POLL_SECONDS)
+            left = claim.wait_until - time.time()
+            if wait > left and not claim.changed.is_set():
+                AUTH_BUDGET_DENIED.inc()
+                raise BudgetExhaustedError(account.name, operation, wait)
+            # Asked again when a unit may be free, when the claim changes, and at least every
+            # MAX_POLL_SECONDS: claims ahead of this one may have left.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait, MAX_POLL_SECONDS)):
+                    await claim.changed.wait()
+            if claim.still_needed is not None and not await claim.still_needed():
+                raise SupersededError(account.name, operation, 0.0)
 
     async def rate_limited(self, account: Account, retry_after: float | None) -> None:
         """Monogoto said 429: hold every replica back for its Retry-After (at most the cap)."""

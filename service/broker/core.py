@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from service.broker.budget import URGENCY, Urgency
+from service.broker.budget import CLAIM, Claim, SupersededError, Urgency, budget_scope
 from service.broker.model import (
     AccountView,
     CredentialsRejectedError,
@@ -46,6 +46,12 @@ STORE_RETRY_AFTER_SECONDS = 5.0
 STILL_OBTAINING_RETRY_AFTER_SECONDS = 5.0
 # A caller may force one renewal of an account per this interval (Monogoto's own window).
 FORCED_RENEWAL_INTERVAL_SECONDS = 60.0
+# A renewal's deadline (what orders it in the budget's queue) comes this long before the
+# token would leave less than `min_remaining_seconds`: time for the upstream call itself.
+DEADLINE_MARGIN_SECONDS = 5.0
+# An account nobody read on this replica for this many token lifetimes is renewed after those
+# that are read, when the budget cannot renew all of them in time.
+IDLE_LIFETIMES = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,8 @@ class TokenBroker:
         # Per account: the obtain in flight, and the caller it charges a forced renewal to.
         self._flights: dict[str, tuple[asyncio.Future[tuple[TokenRecord, Outcome]], str | None]]
         self._flights = {}
+        # Per account: the claim on the auth budget of the obtain in flight.
+        self._claims: dict[str, Claim] = {}
 
     def apply(self, accounts: dict[str, Account], refresh: RefreshSettings, timing: Timing) -> None:
         """Take a reloaded configuration at once (no request waits for it).
@@ -171,10 +179,12 @@ class TokenBroker:
         if local is not None:
             self._check_reachable(min_ttl, local.record)
         forced = local is not None and self._keeps(local.record)
+        claim = Claim(Urgency.FORCED, now) if forced else self._demand(now)
         record, outcome = await self._waited(
             self._obtain(
                 account,
                 lambda record: record.usable_until - time.time() >= need,
+                claim,
                 take_fetched=True,
                 forced_by=(caller or "") if forced else None,
             )
@@ -215,6 +225,7 @@ class TokenBroker:
                     record.access_token.get_secret_value() != access_token
                     and record.usable_until - time.time() >= self._need
                 ),
+                self._demand(time.time()),
                 revoke=access_token,
             )
         )
@@ -231,8 +242,9 @@ class TokenBroker:
         """Renew `account` if its token is due (or missing), or if its configured credentials
         are still to be verified; SHARED if another replica did."""
         state = self._states[account]
+        claim = self.renewal_claim(account)
         _, outcome = await self._obtain(
-            account, lambda record: not self.due(record) and not state.needs_login(record)
+            account, lambda record: not self.due(record) and not state.needs_login(record), claim
         )
         return outcome
 
@@ -254,7 +266,9 @@ class TokenBroker:
             return record.credentials == state.credentials and record.obtained_at >= started
 
         try:
-            await self._waited(self._obtain(account, verified, verify=True))
+            # The operator waits for the answer as a caller waits for a token.
+            claim = self._demand(started)
+            await self._waited(self._obtain(account, verified, claim, verify=True))
         except CredentialsRejectedError as error:
             detail = error.detail
             if error.retry_after:
@@ -280,6 +294,39 @@ class TokenBroker:
     def forget_failures(self, account: str) -> None:
         """Clear this process's rejection and back-off of `account` (a reset was announced)."""
         self._states[account].clear_failures(account)
+
+    def _demand(self, now: float) -> Claim:
+        """The claim of a caller that waits for a token: first come, first served, for as long
+        as the caller waits."""
+        return Claim(Urgency.DEMAND, now, wait_until=now + self._timing.max_wait_seconds)
+
+    def deadline(self, account: str) -> float:
+        """When `account`'s token must be renewed at the latest (wall clock): the cached token's
+        expiry less `min_remaining_seconds` and a margin for the call; now if there is none."""
+        token = self._states[account].token
+        now = time.time()
+        if token is None or not token.usable(0.0):
+            return now
+        return token.expires_at - self._need - DEADLINE_MARGIN_SECONDS
+
+    def renewal_claim(self, account: str) -> Claim:
+        """A background renewal's claim: by deadline, after the renewals of accounts read lately
+        if nobody read this one for `IDLE_LIFETIMES` lifetimes here. It waits for a unit until
+        the token expires (callers of the account then wait with it), or for as long as a lock
+        waiter would wait for it when there is no token."""
+        state = self._states[account]
+        now = time.time()
+        token = state.token
+        lifetime = None if token is None else token.record.lifetime
+        idle = state.last_read == 0.0 or (
+            lifetime is not None and now - state.last_read > IDLE_LIFETIMES * lifetime
+        )
+        expires_at = 0.0 if token is None else token.expires_at
+        return Claim(
+            Urgency.IDLE if idle else Urgency.RENEWAL,
+            self.deadline(account),
+            wait_until=max(expires_at, now + self._timing.wait_seconds),
+        )
 
     def _issue(self, account: str, record: TokenRecord, outcome: Outcome) -> IssuedToken:
         """The cached token after an obtain; 503 if it cannot be served (the store offered a
@@ -407,13 +454,15 @@ class TokenBroker:
         self,
         account: str,
         wanted: Wanted,
+        claim: Claim,
         *,
         take_fetched: bool = False,
         revoke: str | None = None,
         forced_by: str | None = None,
         verify: bool = False,
     ) -> tuple[TokenRecord, Outcome]:
-        """One in-flight obtain per account in this process; late callers share its result.
+        """One in-flight obtain per account in this process; late callers share its result,
+        and its claim on the auth budget takes theirs where they are more urgent.
 
         A joiner whose `wanted` the shared result does not meet starts the next round, unless
         `take_fetched` and the result came from Monogoto just now: a token that new is as good
@@ -428,13 +477,15 @@ class TokenBroker:
             if flight is None or flight.done():
                 flight = asyncio.ensure_future(
                     self._obtain_once(
-                        account, wanted, revoke=revoke, forced_by=forced_by, verify=verify
+                        account, wanted, claim, revoke=revoke, forced_by=forced_by, verify=verify
                     )
                 )
                 self._flights[account] = (flight, forced_by)
+                self._claims[account] = claim
                 flight.add_done_callback(lambda done: self._landed(account, done))
                 # shield: a caller hanging up must not cancel the work others are waiting for.
                 return await self._shielded(account, flight)
+            self._claims[account].join(claim)
             try:
                 record, outcome = await self._shielded(account, flight)
             except RenewalRateLimitedError:
@@ -461,6 +512,7 @@ class TokenBroker:
     def _landed(self, account: str, flight: asyncio.Future[tuple[TokenRecord, Outcome]]) -> None:
         if self._flights.get(account, (None, None))[0] is flight:
             del self._flights[account]
+            del self._claims[account]
         # Everyone who waited may have hung up; the outcome is already logged and counted.
         if not flight.cancelled():
             flight.exception()
@@ -474,13 +526,14 @@ class TokenBroker:
         self,
         account: str,
         wanted: Wanted,
+        claim: Claim,
         *,
         revoke: str | None,
         forced_by: str | None,
         verify: bool = False,
     ) -> tuple[TokenRecord, Outcome]:
         # This task's own context: the budget sees how urgent its upstream attempts are.
-        URGENCY.set(Urgency.NEEDED if forced_by is None else Urgency.FORCED)
+        CLAIM.set(claim)
         try:
             record = await self._current(account)
             if record is not None and wanted(record):
@@ -567,9 +620,26 @@ class TokenBroker:
                 and record.access_token.get_secret_value() == revoke
             )
             verify = verify or (record is not None and state.needs_login(record))
-            renewed = await self._renewer.renew(
-                account, record, lock=lock, revoke=revoked, verify=verify
-            )
+            found: list[TokenRecord] = []
+
+            async def still_needed() -> bool:
+                """Re-checked while the renewal waits for budget (the store may have come
+                back empty and had the record written back, another replica may have won)."""
+                record = await self._current(account)
+                if record is not None and wanted(record):
+                    found.append(record)
+                    return False
+                return True
+
+            claim = CLAIM.get()
+            if claim is not None:
+                claim.still_needed = still_needed
+            try:
+                renewed = await self._renewer.renew(
+                    account, record, lock=lock, revoke=revoked, verify=verify
+                )
+            except SupersededError:
+                return found[-1], Outcome.SHARED
             return renewed, Outcome.FETCHED
         finally:
             watchdog.cancel()
@@ -588,6 +658,11 @@ class TokenBroker:
                     log.warning(
                         "lost the account's lock while renewing", extra={"account": account}
                     )
+                    # An attempt still waiting for budget is not made: another replica may
+                    # be renewing the account by now.
+                    claim = CLAIM.get()
+                    if claim is not None:
+                        claim.withdraw()
                     return
             except StoreUnavailableError:
                 STORE_ERRORS.labels("extend_lock").inc()
@@ -617,6 +692,7 @@ class TokenBroker:
                         "another replica is still obtaining this account's token",
                         retry_after=POLL_SECONDS * 4,
                     )
+                await self._hasten(account)
                 try:
                     async with asyncio.timeout(min(POLL_SECONDS, remaining)):
                         await changed.wait()
@@ -624,6 +700,15 @@ class TokenBroker:
                     pass
         finally:
             LOCK_WAIT.observe(time.monotonic() - started)
+
+    async def _hasten(self, account: str) -> None:
+        """A caller waits for a renewal another replica holds the lock for: that renewal's
+        claim on the budget becomes this caller's, if more urgent."""
+        claim = CLAIM.get()
+        if claim is None or claim.urgency is not Urgency.DEMAND:
+            return
+        scope = budget_scope(self._accounts[account].base_url)
+        await self._store.hasten(scope, account, claim.priority)
 
     def _without_store(self, account: str, wanted: Wanted) -> tuple[TokenRecord, Outcome]:
         """Static stability: no store means no lock and no budget, so no upstream call; serve

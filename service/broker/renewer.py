@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from pydantic import SecretStr
 
-from service.broker.budget import BudgetExhaustedError
+from service.broker.budget import BudgetExhaustedError, SupersededError
 from service.broker.model import BrokerError, CredentialsRejectedError, UpstreamUnavailableError
 from service.broker.state import AccountState
 from service.claims import fingerprint
@@ -129,6 +129,8 @@ class Renewer:
             if current is not None and refresh_token is not None and not error.refresh_token_spent:
                 # The refresh certainly never reached Monogoto: its token is still good.
                 await self._keep_refresh_token(account, current, refresh_token, lock)
+            if isinstance(error, SupersededError):
+                raise  # not a failure: the broker takes the record that made it unnecessary
             failure = await self._failed(account, error, credentials)
             if verify:
                 self._log_verification(account, error)

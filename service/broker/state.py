@@ -91,7 +91,8 @@ class AccountState:
     verification: Verification = Verification.FIRST_RECORD
     # Monogoto refused the configured credentials, and nothing has shown them good since.
     credentials_rejected: bool = False
-    # When this process last served a token of it to a caller (wall clock), 0.0 if never.
+    # When a caller was last served a token of this account by this process (wall clock; 0.0
+    # if never): accounts nobody reads are renewed last when the budget is short.
     last_read: float = 0.0
     # Replaced by a fresh event on every change; waiters hold the one current when they looked.
     changed: asyncio.Event = field(default_factory=asyncio.Event)

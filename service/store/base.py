@@ -9,6 +9,11 @@ from typing import Protocol
 from service.store.records import FailureRecord, TokenRecord
 from service.store.topology import Survey
 
+#: A queued claim on the auth budget not registered again within this time is dropped.
+QUEUE_STALE_SECONDS = 3.0
+#: The shortest wait the budget names to a queued caller (it asks again then).
+QUEUE_POLL_SECONDS = 0.05
+
 
 class StoreUnavailableError(Exception):
     """The store cannot be reached or did not answer in time; the operation had no effect
@@ -107,12 +112,33 @@ class TokenStore(Protocol):
         ...
 
     async def take_budget(
-        self, scope: str, limit: int, period_seconds: float, *, reserve: int = 0
+        self,
+        scope: str,
+        limit: int,
+        period_seconds: float,
+        *,
+        reserve: int = 0,
+        account: str = "",
+        priority: float = 0.0,
+        enqueue: bool = True,
     ) -> float:
         """Take one unit of the auth budget of `scope`: 0.0 when granted, else the seconds until
         a unit may be free (at most `limit` grants in any window of `period_seconds`, and none
         during a cool-down). With `reserve`, a unit is granted only while more than `reserve`
-        are free: those are kept for more urgent renewals."""
+        are free: those are kept for more urgent renewals.
+
+        With `account`, the units are shared out through the scope's renewal queue: the account
+        is queued at `priority` (lower is more urgent; a lower claim by any replica stands) and
+        a unit is granted only while its rank in the queue is below the free units; the grant
+        takes it out of the queue, and an entry not queued again within
+        `QUEUE_STALE_SECONDS` is dropped (its replica gave up or is gone). Without `enqueue`
+        (a caller that will not wait), the account is not queued and ranks after every more
+        urgent claim. A queued caller is told to wait at least `QUEUE_POLL_SECONDS`."""
+        ...
+
+    async def hasten(self, scope: str, account: str, priority: float) -> None:
+        """Lower `account`'s queued claim in `scope` to `priority` if it is queued (a caller
+        waits for another replica's renewal of it); nothing if it is not."""
         ...
 
     async def take_forced(

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from service.claims import fingerprint
-from service.store.base import Change, Saved, Spent
+from service.store.base import QUEUE_POLL_SECONDS, QUEUE_STALE_SECONDS, Change, Saved, Spent
 from service.store.records import FailureRecord, TokenRecord
 from service.store.topology import MasterState, Survey
 
@@ -31,6 +31,10 @@ class MemoryStore:
         self._locks: dict[str, tuple[str, float]] = {}
         self._grants: dict[str, deque[float]] = {}
         self._cool_until: dict[str, float] = {}
+        # Per budget scope: the renewal queue (account -> priority) and when each account's
+        # claim was last registered (monotonic).
+        self._queues: dict[str, dict[str, float]] = {}
+        self._seen: dict[str, dict[str, float]] = {}
         self._spent: dict[str, dict[str, float]] = {}
         self._forced: dict[tuple[str, str], tuple[float, str]] = {}
         # None tells a subscriber that the store closed.
@@ -129,11 +133,30 @@ class MemoryStore:
         return held is not None and held[0] == token and held[1] > time.monotonic()
 
     async def take_budget(
-        self, scope: str, limit: int, period_seconds: float, *, reserve: int = 0
+        self,
+        scope: str,
+        limit: int,
+        period_seconds: float,
+        *,
+        reserve: int = 0,
+        account: str = "",
+        priority: float = 0.0,
+        enqueue: bool = True,
     ) -> float:
-        """0.0 if a unit of `scope`'s budget was granted, else the seconds to wait."""
+        """0.0 if a unit of `scope`'s budget was granted, else the seconds to wait; `account`
+        queued at `priority` as in the Redis store."""
         limit -= reserve
         now = time.monotonic()
+        queue = self._queues.setdefault(scope, {})
+        seen = self._seen.setdefault(scope, {})
+        register = bool(account) and enqueue
+        if register:
+            queue[account] = min(priority, queue.get(account, priority))
+            seen[account] = now
+        for member, at in list(seen.items()):
+            if at < now - QUEUE_STALE_SECONDS:
+                del seen[member]
+                queue.pop(member, None)
         cooling = self._cool_until.get(scope, 0.0) - now
         if cooling > 0:
             return cooling
@@ -141,11 +164,31 @@ class MemoryStore:
         # A grant exactly one period old still counts, as in the Redis store.
         while grants and grants[0] < now - period_seconds:
             grants.popleft()
-        if len(grants) < limit:
+        rank = 0
+        if register:
+            # Equal priorities are ordered by name, as in a Redis sorted set.
+            rank = sum(
+                (score, member) < (queue[account], account) for member, score in queue.items()
+            )
+        elif account:
+            rank = sum(score < priority for score in queue.values())
+        count = len(grants)
+        if rank < limit - count:
             grants.append(now)
+            if register:
+                del queue[account], seen[account]
             return 0.0
-        frees_at = grants[len(grants) - limit] + period_seconds
-        return max(0.001, frees_at - now)
+        shortest = QUEUE_POLL_SECONDS if account else 0.001
+        if not grants:
+            return max(shortest, period_seconds)
+        frees_at = grants[min(count - 1, count - limit + rank)] + period_seconds
+        return max(shortest, frees_at - now)
+
+    async def hasten(self, scope: str, account: str, priority: float) -> None:
+        """Lower the priority of `account`'s queued claim to `priority`, if it is queued."""
+        queue = self._queues.get(scope, {})
+        if account in queue:
+            queue[account] = min(queue[account], priority)
 
     async def cool_down(self, scope: str, seconds: float) -> None:
         """Grant no budget of `scope` for `seconds`, unless a longer cool-down is in force."""

@@ -15,7 +15,14 @@ from redis.exceptions import NoScriptError
 from service.claims import fingerprint
 from service.config.models import MAX_RETRY_AFTER_SECONDS
 from service.crypto import EnvelopeError, TokenCipher
-from service.store.base import Change, Saved, Spent, StoreUnavailableError
+from service.store.base import (
+    QUEUE_POLL_SECONDS,
+    QUEUE_STALE_SECONDS,
+    Change,
+    Saved,
+    Spent,
+    StoreUnavailableError,
+)
 from service.store.changes import ChangeFeed, honour_lost_cancellation, notice, reset_notice
 from service.store.records import FailureRecord, TokenRecord
 from service.store.scripts import (
@@ -43,6 +50,11 @@ def _milliseconds_until(deadline: float) -> int:
 
 def _epoch_ms(moment: float) -> int:
     return int(moment * 1000)
+
+
+def _score(priority: float) -> str:
+    """A queue priority as Redis reads a score (every digit of an integral one kept)."""
+    return format(priority, ".17g")
 
 
 def _version_context(version: int) -> bytes:
@@ -295,6 +307,8 @@ class RedisStore:
             self._budget_key(scope, "log"),
             self._budget_key(scope, "cooldown"),
             self._budget_key(scope, "epoch"),
+            self._budget_key(scope, "queue"),
+            self._budget_key(scope, "seen"),
         ]
 
     def _hold_ms(self, scope: str) -> int:
@@ -304,7 +318,15 @@ class RedisStore:
         return max(self._windows.get(scope, 1), int(cooling * 1000))
 
     async def take_budget(
-        self, scope: str, limit: int, period_seconds: float, *, reserve: int = 0
+        self,
+        scope: str,
+        limit: int,
+        period_seconds: float,
+        *,
+        reserve: int = 0,
+        account: str = "",
+        priority: float = 0.0,
+        enqueue: bool = True,
     ) -> float:
         """0.0 if a unit of `scope`'s budget was granted, else the seconds to wait."""
         self._windows[scope] = max(1, int(period_seconds * 1000))
@@ -316,11 +338,22 @@ class RedisStore:
             self._known_epoch(scope),
             self._hold_ms(scope),
             _LONGEST_COOL_DOWN_MS,
+            account,
+            _score(priority),
+            int(QUEUE_STALE_SECONDS * 1000),
+            1 if enqueue else 0,
+            int(QUEUE_POLL_SECONDS * 1000),
         ]
         async with self._reaching("while taking auth budget"):
             wait_ms, epoch = await self._take_budget(keys=self._budget_keys(scope), args=args)
         self._budget_epoch[scope] = epoch.decode()
         return int(wait_ms) / 1000
+
+    async def hasten(self, scope: str, account: str, priority: float) -> None:
+        """Lower `account`'s queued claim in `scope` to `priority`, if it is queued."""
+        queue = self._budget_key(scope, "queue")
+        async with self._reaching("while hastening a renewal"):
+            await self._client.zadd(queue, {account: _score(priority)}, xx=True, lt=True)
 
     async def cool_down(self, scope: str, seconds: float) -> None:
         """Grant no budget of `scope` for `seconds`, unless a longer cool-down is in force."""
@@ -362,6 +395,7 @@ class RedisStore:
         async with self._reaching("while reading the store's epoch"):
             epoch = (await self._take_survey()).epoch
         if self._seen_epoch and epoch != self._seen_epoch:
+            await self._topology.drop_idle()
             for scope in list(self._windows):
                 cooling = self._cool_until.get(scope, 0.0) - time.monotonic()
                 await self._run_cool_down(scope, max(0, int(cooling * 1000)))

@@ -99,14 +99,39 @@ end
 """
 
 # A strict sliding log on Redis's own clock, so replicas with skewed clocks share one window
-# (broker.md rule 4). KEYS: log, cool-down, epoch. ARGV: limit, period ms, unique suffix, units
-# held in reserve (a grant needs more than this many free), the caller's last known epoch,
-# the hold-back in ms for a new epoch, the longest cool-down in ms (a longer one, left by an
-# older broker that took Retry-After: 1e9 at its word, is cut to it).
+# (broker.md rule 4), and the renewal queue that orders the units under contention.
+# KEYS: log, cool-down, epoch, queue (account -> priority, lower first), seen (account -> when
+# its claim was last registered). ARGV: limit, period ms, unique suffix, units held in reserve
+# (a grant needs more than this many free), the caller's last known epoch, the hold-back in ms
+# for a new epoch, the longest cool-down in ms (a longer one, left by an older broker that took
+# Retry-After: 1e9 at its word, is cut to it), the account ('' for none: no queue, as an older
+# broker), its priority, the ms after which an entry not registered again is dropped (its
+# replica is gone), 1 to register the claim (a caller that will wait) or 0 to only ask, the
+# shortest wait in ms returned to a queued caller.
+# A unit goes to the account only while its rank in the queue (or, unregistered, the number of
+# more urgent claims) is below the free units; a grant removes its entry. Any replica's most
+# urgent claim for an account wins (ZADD LT).
 # Returns {wait ms (0 when granted), epoch}.
 TAKE_BUDGET = (
     _EPOCH_CHECK.replace("EPOCH_ARG", "5")
     + """
+local account = ARGV[8]
+local priority = ARGV[9]
+local stale = tonumber(ARGV[10])
+local register = account ~= '' and ARGV[11] == '1'
+if register then
+    redis.call('ZADD', KEYS[4], 'LT', priority, account)
+    redis.call('ZADD', KEYS[5], now, account)
+end
+local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', string.format('(%d', now - stale))
+for _, member in ipairs(gone) do
+    redis.call('ZREM', KEYS[4], member)
+    redis.call('ZREM', KEYS[5], member)
+end
+if register then
+    redis.call('PEXPIRE', KEYS[4], stale * 2)
+    redis.call('PEXPIRE', KEYS[5], stale * 2)
+end
 local cooling = redis.call('PTTL', KEYS[2])
 local longest = tonumber(ARGV[7])
 if cooling > longest then
@@ -121,14 +146,33 @@ local period = tonumber(ARGV[2])
 -- A grant exactly one period old still counts: the window is closed at both ends.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%d', now - period))
 local count = redis.call('ZCARD', KEYS[1])
-if count < limit then
+local rank = 0
+if register then
+    rank = redis.call('ZRANK', KEYS[4], account)
+elseif account ~= '' then
+    rank = redis.call('ZCOUNT', KEYS[4], '-inf', '(' .. priority)
+end
+if rank < limit - count then
     redis.call('ZADD', KEYS[1], now, string.format('%d-%s', now, ARGV[3]))
     redis.call('PEXPIRE', KEYS[1], period)
+    if register then
+        redis.call('ZREM', KEYS[4], account)
+        redis.call('ZREM', KEYS[5], account)
+    end
     return {0, epoch}
 end
--- The limit may have been lowered below the log's length: wait until enough grants leave.
-local frees = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
-return {math.max(1, tonumber(frees[2]) + period - now), epoch}
+local shortest = 1
+if account ~= '' then
+    shortest = tonumber(ARGV[12])
+end
+if count == 0 then
+    return {math.max(shortest, period), epoch}
+end
+-- rank + 1 units must be free: the (rank - free)-th oldest grant must leave (the limit may
+-- also have been lowered below the log's length); past the log's end, its last grant.
+local index = math.min(count - 1, count - limit + rank)
+local frees = redis.call('ZRANGE', KEYS[1], index, index, 'WITHSCORES')
+return {math.max(shortest, tonumber(frees[2]) + period - now), epoch}
 """
 )
 

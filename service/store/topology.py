@@ -128,6 +128,13 @@ class Topology:
     async def ready(self) -> None:
         """Prepare the client for commands (nothing to do for one server)."""
 
+    async def drop_idle(self) -> None:
+        """Close the pooled connections not in use: the store's server restarted or was
+        replaced, and a connection opened before that would fail its next command (one that is
+        not used within the health-check interval is not pinged first)."""
+        if isinstance(self.client, redis.asyncio.Redis):
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+
     async def after_error(self, error: BaseException) -> None:
         """Learn from a failed command (one server: its client reconnects by itself; Sentinel's
         asks the sentinels for the master on every new connection)."""

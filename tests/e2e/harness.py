@@ -26,7 +26,7 @@ from service.simulator.client import SimulatorControl
 from tests.support import eventually
 
 #: Users of the e2e simulator: one per account a scenario needs, so its calls are counted apart.
-USERS = {f"user{index:02d}@monogoto.example": f"password-{index:02d}" for index in range(12)}
+USERS = {f"user{index:02d}@monogoto.example": f"password-{index:02d}" for index in range(32)}
 USERNAMES = list(USERS)
 
 #: Simulator endpoints that a login or a refresh of either dialect goes to.

@@ -18,6 +18,7 @@ from service.broker import (
     InvalidRequestError,
     Outcome,
     UpstreamUnavailableError,
+    runtime,
 )
 from service.claims import read_claims
 from service.config import build_settings
@@ -169,22 +170,26 @@ async def test_replicas_converge_on_a_replaced_token(
 async def test_the_auth_budget_is_never_exceeded(
     start_replicas: StartReplicas, simulator: SimulatorControl
 ) -> None:
-    """Eight accounts on a budget of three per window: all served in turn, zero 429s."""
+    """Eight accounts on a budget of three per window: all served in turn, zero 429s; a caller
+    waits for the next unit instead of being refused."""
     simulator.set(rate_limit=3, rate_period_seconds=3)
     replicas = await start_replicas(2, accounts=8, limit=3, period=3)
     pending = {f"acct-{index}" for index in range(8)}
     told_to_wait: list[float] = []
+    waited: list[float] = []
     give_up = time.monotonic() + 40
     while pending and time.monotonic() < give_up:
         for name in sorted(pending):
+            started = time.monotonic()
             try:
                 await replicas[len(pending) % 2].broker.get(name)
                 pending.discard(name)
+                waited.append(time.monotonic() - started)
             except UpstreamUnavailableError as error:
                 told_to_wait.append(error.retry_after or 0.0)
         await asyncio.sleep(0.2)
     assert not pending, f"never served: {sorted(pending)}"
-    assert told_to_wait, "the budget never ran out, so this test proved nothing"
+    assert max(waited) > 1.0, "the budget never ran out, so this test proved nothing"
     assert all(0 < wait <= 4 for wait in told_to_wait)
     assert simulator.calls("v1_token", "rate_limited") == 0
     assert simulator.calls("v1_token") == 8
@@ -339,3 +344,22 @@ async def test_the_renewal_plan_follows_the_tokens_and_a_reloaded_budget(
     [after] = plan.update()
     assert after.at_risk == []
     assert after.capacity == pytest.approx(100 / 61)
+
+
+async def test_a_renewal_waiting_for_budget_keeps_its_lock_past_the_lease(
+    start_replicas: StartReplicas, simulator: SimulatorControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two accounts on a budget of one per window, two replicas starting cold: the renewal
+    that waits a whole window for its unit holds the account's lock all along (its watchdog
+    renews the 0.6 s lease), so no other replica starts a second login of that account."""
+    monkeypatch.setattr(runtime, "LOCK_LEASE_SECONDS", 0.6)
+    simulator.set(rate_limit=1, rate_period_seconds=2)
+    replicas = await start_replicas(2, accounts=2, limit=1, period=2)
+    started = time.monotonic()
+    await asyncio.gather(
+        *(replica.broker.get(name) for replica in replicas for name in ("acct-0", "acct-1"))
+    )
+    assert time.monotonic() - started > 2.0, "one login waited for the next window"
+    await asyncio.sleep(3.5)  # a second login of either account would have had its unit
+    assert logins(simulator) == 2
+    assert simulator.calls("v1_token", "rate_limited") == 0

@@ -22,6 +22,8 @@ from service.claims import fingerprint
 from service.crypto import TokenCipher
 from service.keys import EncryptionKey
 from service.store import (
+    QUEUE_POLL_SECONDS,
+    QUEUE_STALE_SECONDS,
     Change,
     FailureRecord,
     MemoryStore,
@@ -425,6 +427,95 @@ async def test_a_reserve_keeps_units_back(store: TokenStore) -> None:
     assert await store.take_budget("scope", 5, 60.0) == 0.0
     assert await store.take_budget("scope", 5, 60.0) == 0.0
     assert await store.take_budget("scope", 5, 60.0) > 0.0
+
+
+async def fill(store: TokenStore, limit: int, period: float) -> None:
+    """Take every unit of `scope`'s budget (unqueued, as an older broker would)."""
+    for _ in range(limit):
+        assert await store.take_budget("scope", limit, period) == 0.0
+
+
+async def queue(store: TokenStore, account: str, priority: float, limit: int = 2) -> float:
+    """Queue `account` at `priority` on a full budget of `limit` units per `QUEUE_PERIOD`."""
+    wait = await store.take_budget("scope", limit, QUEUE_PERIOD, account=account, priority=priority)
+    assert wait >= QUEUE_POLL_SECONDS, f"{account} must wait while the budget is full"
+    return wait
+
+
+async def ask(store: TokenStore, account: str, priority: float, limit: int = 2) -> bool:
+    """Whether `account`, queued at `priority`, is granted a unit now."""
+    wait = await store.take_budget("scope", limit, QUEUE_PERIOD, account=account, priority=priority)
+    return wait == 0.0
+
+
+#: A window short enough that the queue tests wait it out, long enough for their steps.
+QUEUE_PERIOD = 0.6
+
+
+async def test_units_go_to_the_most_urgent_queued_claims(new_replica: NewReplica) -> None:
+    """Under contention the free units go to the lowest priorities, whoever asks first."""
+    first, second = new_replica(), new_replica()
+    await fill(first, 2, QUEUE_PERIOD)
+    await queue(first, "c", 30)
+    await queue(second, "a", 10)
+    await queue(first, "b", 20)
+    await asyncio.sleep(QUEUE_PERIOD + 0.1)  # two units free
+    assert not await ask(first, "c", 30), "c ranks third of three, with two units free"
+    assert await ask(second, "b", 20)
+    assert await ask(first, "a", 10)
+    assert not await ask(second, "c", 30), "every unit is taken again"
+
+
+async def test_the_most_urgent_claim_for_an_account_stands(new_replica: NewReplica) -> None:
+    """Two replicas queue one account: the lower priority counts, and a higher one later does
+    not push it back; `hasten` lowers a queued claim only."""
+    first, second = new_replica(), new_replica()
+    await fill(first, 1, QUEUE_PERIOD)
+    await queue(first, "a", 50, limit=1)
+    await queue(second, "a", 5, limit=1)
+    await queue(first, "b", 10, limit=1)
+    await queue(first, "a", 50, limit=1)
+    await second.hasten("scope", "c", 1)  # not queued: no claim comes of it
+    await second.hasten("scope", "b", 7)
+    await asyncio.sleep(QUEUE_PERIOD + 0.1)
+    assert not await ask(first, "b", 10, limit=1), "a's claim of 5 ranks first"
+    assert await ask(first, "a", 50, limit=1)
+
+
+async def test_a_grant_takes_the_account_out_of_the_queue(store: TokenStore) -> None:
+    """A granted account no longer holds a place ahead of the others."""
+    await fill(store, 2, QUEUE_PERIOD)
+    await queue(store, "a", 1)
+    await asyncio.sleep(QUEUE_PERIOD + 0.1)
+    assert await ask(store, "a", 1)
+    assert await ask(store, "b", 2), "a left the queue with its grant"
+
+
+async def test_a_claim_not_renewed_leaves_the_queue(store: TokenStore) -> None:
+    """An entry its replica stopped asking for (gone, or gave up) stops holding units back."""
+    await fill(store, 1, QUEUE_PERIOD)
+    await queue(store, "a", 1, limit=1)
+    await asyncio.sleep(QUEUE_PERIOD + 0.1)
+    assert not await ask(store, "b", 2, limit=1), "a still waits"
+    await asyncio.sleep(QUEUE_STALE_SECONDS)
+    assert await ask(store, "b", 2, limit=1), "a's claim went stale"
+
+
+async def test_a_caller_that_will_not_wait_ranks_after_queued_claims(store: TokenStore) -> None:
+    """Without `enqueue` an account is not queued, and gets a unit only if one is left over
+    after every more urgent claim."""
+    await fill(store, 2, QUEUE_PERIOD)
+    await queue(store, "a", 1)
+    await asyncio.sleep(QUEUE_PERIOD + 0.1)
+    wait = await store.take_budget(
+        "scope", 1, QUEUE_PERIOD, account="f", priority=100, enqueue=False
+    )
+    assert wait > 0.0, "one unit free, one more urgent claim"
+    assert (
+        await store.take_budget("scope", 2, QUEUE_PERIOD, account="f", priority=100, enqueue=False)
+        == 0.0
+    ), "two units free, one more urgent claim"
+    assert await ask(store, "a", 1)
 
 
 async def test_forced_renewals_are_counted_per_caller_and_account(

@@ -1,0 +1,124 @@
+"""Demand first: during a cold start that the auth budget takes several windows for, a caller
+asking for an account nobody asked for yet gets the next unit of budget, ahead of the
+background logins of the accounts nobody reads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from service.simulator.client import SimulatorControl
+from tests.e2e.harness import (
+    ReliabilityRow,
+    UpstreamCounts,
+    account,
+    limited_config,
+    write_config,
+)
+
+if TYPE_CHECKING:
+    from tests.e2e.conftest import Record, StartBrokers
+
+LIMIT = 10
+PERIOD_SECONDS = 10.0
+# The broker widens its window by 1 s for network jitter (docs/broker.md, shared auth budget).
+BROKER_WINDOW_SECONDS = PERIOD_SECONDS + 1.0
+# Time for the login itself, and for a loaded machine.
+CALL_SECONDS = 2.0
+ACCOUNTS = {f"demand-{index}": account(index) for index in range(30)}
+# Three callers, one per replica, each asking for a different account without a token.
+ASKED = 3
+
+
+async def eventually_true(check: Callable[[], bool], within: float, what: str) -> None:
+    """Poll `check()` every 0.1 s until it is true; fail naming `what` after `within` s."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_caller_gets_the_next_unit_ahead_of_background_logins(
+    tmp_path: Path,
+    redis_url: str,
+    e2e_simulator: SimulatorControl,
+    start_brokers: StartBrokers,
+    reliability: Record,
+) -> None:
+    """30 accounts on a budget of 10 per 10 s start cold on three replicas: the background
+    logins spend the first window at once and queue the rest. Callers then asking for three
+    accounts that have no token yet are each served within one budget slot (the first units
+    the window frees) plus one upstream call, not told 503 and not left behind the 20
+    accounts queued before them; every account logs in once, and Monogoto never says 429."""
+    key, config = limited_config(
+        e2e_simulator,
+        redis_url,
+        ACCOUNTS,
+        LIMIT,
+        PERIOD_SECONDS,
+        lifetime=60,
+        refresh={"fraction": 0.75, "min_remaining_seconds": 5},
+    )
+    # A caller may wait up to a whole window for its unit.
+    config["api"] = {**config.get("api", {}), "max_wait_seconds": BROKER_WINDOW_SECONDS + 4}
+    replicas = [r.url for r in start_brokers(write_config(tmp_path / "broker.yaml", config), 3)]
+
+    def calls() -> dict[str, int]:
+        counts = UpstreamCounts.per_account(e2e_simulator, ACCOUNTS)
+        return {name: count.calls for name, count in counts.items()}
+
+    await eventually_true(lambda: sum(calls().values()) >= LIMIT, 15, "the first window")
+    spent_at = time.monotonic()
+    await asyncio.sleep(1.0)  # the other 20 accounts are queued by now
+    before = calls()
+    assert sum(before.values()) == LIMIT, "the budget held the other accounts back"
+    asked = [name for name, count in before.items() if count == 0][-ASKED:]
+
+    async def ask(client: httpx.AsyncClient, replica: str, name: str) -> tuple[int, str, float]:
+        started = time.monotonic()
+        response = await client.get(
+            f"{replica}/v1/accounts/{name}/token", headers={"Authorization": f"Bearer {key}"}
+        )
+        code = "" if response.status_code == 200 else response.json().get("code", "-")
+        return response.status_code, code, time.monotonic() - started
+
+    asked_at = time.monotonic()
+    # The first window's units free at most one window after they were spent.
+    slot = spent_at + BROKER_WINDOW_SECONDS - asked_at
+    async with httpx.AsyncClient(timeout=60) as client:
+        answers = await asyncio.gather(
+            *(ask(client, replica, name) for replica, name in zip(replicas, asked, strict=True))
+        )
+    await eventually_true(
+        lambda: all(count >= 1 for count in calls().values()),
+        3 * BROKER_WINDOW_SECONDS + 5,
+        "every account's first login",
+    )
+    total = UpstreamCounts.read(e2e_simulator)
+    reliability(
+        ReliabilityRow(
+            scenario="demand first during a cold start",
+            injected=(
+                f"{len(ACCOUNTS)} accounts on 3 fresh replicas, budget {LIMIT} per "
+                f"{PERIOD_SECONDS:.0f} s (Monogoto's limit the same); {ASKED} callers ask for "
+                "accounts without a token once the first window is spent"
+            ),
+            callers_saw=", ".join(
+                f"{status} {code}".strip() + f" after {seconds:.1f} s"
+                for status, code, seconds in answers
+            )
+            + f" (the next unit {slot:.1f} s away)",
+            upstream_calls=total.describe(),
+            rate_limited=total.rate_limited,
+            reused=total.reused,
+        )
+    )
+    assert [status for status, _, _ in answers] == [200] * ASKED, answers
+    assert all(seconds <= slot + CALL_SECONDS for _, _, seconds in answers), (answers, slot)
+    assert total.rate_limited == 0
+    assert calls() == dict.fromkeys(ACCOUNTS, 1), "one login per account"
