@@ -20,6 +20,7 @@ from service.broker.model import (
     UnknownAccountError,
     UpstreamUnavailableError,
 )
+from service.broker.plan import SAFETY_MARGIN_SECONDS
 from service.broker.renewer import Renewer
 from service.broker.state import AccountState
 from service.claims import fingerprint
@@ -46,9 +47,6 @@ STORE_RETRY_AFTER_SECONDS = 5.0
 STILL_OBTAINING_RETRY_AFTER_SECONDS = 5.0
 # A caller may force one renewal of an account per this interval (Monogoto's own window).
 FORCED_RENEWAL_INTERVAL_SECONDS = 60.0
-# A renewal's deadline (what orders it in the budget's queue) comes this long before the
-# token would leave less than `min_remaining_seconds`: time for the upstream call itself.
-DEADLINE_MARGIN_SECONDS = 5.0
 # An account nobody read on this replica for this many token lifetimes is renewed after those
 # that are read, when the budget cannot renew all of them in time.
 IDLE_LIFETIMES = 2.0
@@ -307,7 +305,8 @@ class TokenBroker:
         now = time.time()
         if token is None or not token.usable(0.0):
             return now
-        return token.expires_at - self._need - DEADLINE_MARGIN_SECONDS
+        # The plan's own deadline (plan.py), so the queue orders renewals as the plan does.
+        return token.expires_at - self._need - SAFETY_MARGIN_SECONDS
 
     def renewal_claim(self, account: str) -> Claim:
         """A background renewal's claim: by deadline, after the renewals of accounts read lately
