@@ -5,7 +5,7 @@ a rate limit equal to the broker's auth budget, and for each N: three `serve` re
 with N accounts (a key prefix of their own, the simulator's counters and rate-limit log reset).
 The theoretical capacity is budget calls per second x (lifetime - min_remaining_seconds); N is
 each given fraction of it. Per N it measures the cold start (until every account holds a token;
-what a caller asking for the last account waits meanwhile), then reads every account's token
+what a caller asking for the last account still without one waits), then reads every account's token
 every 2 s through the replicas in turn for `--lifetimes` token lifetimes, and counts the reads
 that failed or had less than min_remaining_seconds left, the simulator's 429s and the upstream
 calls per account per lifetime.
@@ -98,10 +98,13 @@ class Read:
 
 @dataclass
 class ColdStart:
-    """From spawning the replicas: all ready, all accounts holding a token; and the caller of
-    the last account, asking as soon as one replica is ready: its first answer, and how long
-    it waited for a token in all, retrying after each Retry-After."""
+    """From spawning the replicas: all ready, all accounts holding a token. When the first
+    replica is ready, how many accounts have no token yet, and a caller asks it for the last of
+    them: its first answer, and how long it waited for a token in all, retrying after each
+    Retry-After."""
 
+    without_token: int = 0
+    caller_account: str | None = None
     ready: float = math.nan
     all_tokens: float = math.nan
     first_status: int = 0
@@ -184,39 +187,44 @@ async def cold_start(
     spawned = time.monotonic()
     cold = ColdStart()
     timeout = 60 + 3 * n * setup.period / setup.limit + setup.lifetime
-    readiness = [asyncio.ensure_future(wait_ready(r)) for r in replicas]
-    done, _ = await asyncio.wait(readiness, return_when=asyncio.FIRST_COMPLETED)
-    first = next(i for i, task in enumerate(readiness) if task in done)
-    last = account_name(n - 1)
+    names = [account_name(i) for i in range(n)]
+    store = open_store(load_settings(config))
+    try:
+        readiness = [asyncio.ensure_future(wait_ready(r)) for r in replicas]
+        done, _ = await asyncio.wait(readiness, return_when=asyncio.FIRST_COMPLETED)
+        first = next(i for i, task in enumerate(readiness) if task in done)
+        versions = await store.versions(names)
+        missing = [name for name in names if versions.get(name, 0) < 1]
+        cold.without_token = len(missing)
 
-    async def caller() -> None:
-        asked = time.monotonic()
-        while time.monotonic() - spawned < timeout:
-            read, retry_after = await read_token(clients[first], last)
-            if math.isnan(cold.first_seconds):
-                cold.first_status, cold.first_seconds = read.status, read.seconds
-            if read.status == 200:
-                cold.served_after = time.monotonic() - asked
-                return
-            await asyncio.sleep(max(0.2, retry_after or 1.0))
+        async def caller(account: str) -> None:
+            cold.caller_account = account
+            asked = time.monotonic()
+            while time.monotonic() - spawned < timeout:
+                read, retry_after = await read_token(clients[first], account)
+                if math.isnan(cold.first_seconds):
+                    cold.first_status, cold.first_seconds = read.status, read.seconds
+                if read.status == 200:
+                    cold.served_after = time.monotonic() - asked
+                    return
+                await asyncio.sleep(max(0.2, retry_after or 1.0))
 
-    async def all_tokens() -> None:
-        store = open_store(load_settings(config))
-        names = [account_name(i) for i in range(n)]
-        try:
+        async def all_tokens() -> None:
             while time.monotonic() - spawned < timeout:
                 if min((await store.versions(names)).values(), default=0) >= 1:
                     cold.all_tokens = time.monotonic() - spawned
                     return
                 await asyncio.sleep(0.1)
-        finally:
-            await store.close()
 
-    async def ready() -> None:
-        await asyncio.gather(*readiness)
-        cold.ready = time.monotonic() - spawned
+        async def ready() -> None:
+            await asyncio.gather(*readiness)
+            cold.ready = time.monotonic() - spawned
 
-    await asyncio.gather(caller(), all_tokens(), ready())
+        # The caller asks for the last account (by name) still without a token, if any.
+        waiting = [caller(missing[-1])] if missing else []
+        await asyncio.gather(*waiting, all_tokens(), ready())
+    finally:
+        await store.close()
     return cold
 
 
@@ -315,9 +323,15 @@ def describe(setup: Setup, result: Result) -> str:
         f"{result.calls_per_lifetime:.2f} upstream calls per account per lifetime, "
         f"slowest read {max((r.seconds for r in result.reads), default=0) * 1000:.0f} ms",
         f"  cold start: replicas ready {seconds(cold.ready)}, all accounts hold tokens "
-        f"{seconds(cold.all_tokens)}; the caller of {account_name(result.accounts - 1)}: "
-        f"first answer {cold.first_status or 'none'} after {seconds(cold.first_seconds)}, "
-        f"token after {seconds(cold.served_after)} in all (retrying after Retry-After)",
+        f"{seconds(cold.all_tokens)}; {cold.without_token} without a token when the first "
+        f"replica was ready"
+        + (
+            f"; a caller of {cold.caller_account} then: first answer "
+            f"{cold.first_status or 'none'} after {seconds(cold.first_seconds)}, a token after "
+            f"{seconds(cold.served_after)} in all (retrying after Retry-After)"
+            if cold.caller_account
+            else ""
+        ),
     ]
     gauges = [
         f"{name} {'absent' if value is None else f'{value:g}'}"
@@ -341,9 +355,10 @@ def table(setup: Setup, results: list[Result]) -> str:
     """The per-N figures as a Markdown table."""
     rows = [
         "| N | of capacity | reads | failed or short | 429s | calls/account/lifetime "
-        "| slowest read | cold start: all tokens | last account's caller: first answer "
-        "| ... token after (waited in all) | accounts at risk |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| slowest read | cold start: all tokens | without token at first ready "
+        "| their last one's caller: first answer | ... token after (waited in all) "
+        "| accounts at risk |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         failed = result.failed(setup.min_remaining)
@@ -351,12 +366,14 @@ def table(setup: Setup, results: list[Result]) -> str:
         slowest = max((r.seconds for r in result.reads), default=0)
         accounts = len({r.account for r in failed})
         at_risk = "absent" if result.at_risk is None else f"{result.at_risk:g}"
+        first = f"{cold.first_status or 'none'} after {seconds(cold.first_seconds)}"
+        if cold.caller_account is None:
+            first = "(none left)"
         rows.append(
             f"| {result.accounts} | {result.fraction:.0%} | {len(result.reads)} "
             f"| {len(failed)} ({accounts} accounts) | {result.rate_limited} "
             f"| {result.calls_per_lifetime:.2f} | {slowest:.2f} s | {seconds(cold.all_tokens)} "
-            f"| {cold.first_status or 'none'} after {seconds(cold.first_seconds)} "
-            f"| {seconds(cold.served_after)} | {at_risk} |"
+            f"| {cold.without_token} | {first} | {seconds(cold.served_after)} | {at_risk} |"
         )
     return "\n".join(rows)
 
