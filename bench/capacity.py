@@ -405,6 +405,15 @@ def run(setup: Setup, fractions: list[float], stack: ExitStack) -> int:
         f"{setup.interval:g} s for {setup.lifetimes:g} lifetimes after its cold start",
         flush=True,
     )
+    # The broker widens its budget window by 1 s (network jitter, docs/broker.md), and the
+    # simulator's `exp` counts from `iat` in whole seconds: a short window or lifetime leaves
+    # less than the theoretical capacity.
+    usable = setup.limit / (setup.period + 1) * (setup.lifetime - 1 - setup.min_remaining)
+    print(
+        f"  (the broker's window is {setup.period + 1:g} s, and a token loses up to 1 s to `iat` "
+        f"rounded down: about {usable:.1f} accounts fit at most)",
+        flush=True,
+    )
     results = []
     for n in counts:
         control.reset()  # counters and rate-limit log; the startup settings stay
