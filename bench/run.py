@@ -164,29 +164,57 @@ def redis_server(directory: Path) -> Iterator[str]:
         terminate(process, 10)
 
 
+def account_name(index: int) -> str:
+    """The name of the bench's account `index`."""
+    return f"acct-{index:03d}"
+
+
+def user_name(index: int) -> str:
+    """The simulator user account `index` logs in as."""
+    return f"user{index:03d}@bench.example"
+
+
+def write_users(directory: Path, count: int) -> Path:
+    """The simulator's users file: one user per account, `count` of them."""
+    path = directory / "users.yaml"
+    path.write_text(yaml.safe_dump({user_name(i): PASSWORD for i in range(count)}), "utf-8")
+    return path
+
+
 def write_config(
-    directory: Path, name: str, redis_url: str, simulator_url: str, **extra: Any
+    directory: Path,
+    name: str,
+    redis_url: str,
+    simulator_url: str,
+    *,
+    accounts: int = ACCOUNTS,
+    auth_rate: tuple[int, float] = (1000, 1),
+    refresh: dict[str, float] | None = None,
+    **extra: Any,
 ) -> Path:
-    """A broker config with ACCOUNTS accounts (dialects alternate) and one caller for all (and,
-    with `caller_auth` in `extra`, a second known by its ServiceAccount)."""
-    accounts = {
-        f"acct-{i:03d}": {
-            "username": f"user{i:03d}@bench.example",
+    """A broker config with `accounts` accounts (dialects alternate), an auth budget of
+    `auth_rate` (limit, period), the `refresh` settings over the bench's, and one caller for all
+    (and, with `caller_auth` in `extra`, a second known by its ServiceAccount)."""
+    configured = {
+        account_name(i): {
+            "username": user_name(i),
             "password": PASSWORD,
             "dialect": "v1" if i % 2 else "legacy",
         }
-        for i in range(ACCOUNTS)
+        for i in range(accounts)
     }
+    limit, period = auth_rate
     config = {
         "redis_url": redis_url,
         "encryption_keys_file": str(directory / "keys"),
         "upstream": {
             "base_url": simulator_url,
-            # The simulator's limit is raised to match: the bench measures the broker, not 429s.
-            "auth_rate": {"limit": 1000, "period_seconds": 1},
+            # By default the simulator's limit is raised to match: the bench measures the broker,
+            # not 429s.
+            "auth_rate": {"limit": limit, "period_seconds": period},
         },
-        "refresh": {"fraction": CYCLE_FRACTION, "min_remaining_seconds": 5},
-        "accounts": accounts,
+        "refresh": {"fraction": CYCLE_FRACTION, "min_remaining_seconds": 5, **(refresh or {})},
+        "accounts": configured,
         "callers": {"bench": {"api_key_sha256": CALLER_DIGEST, "accounts": ["*"]}},
         **extra,
     }
@@ -411,8 +439,7 @@ def variants(
 def run(args: argparse.Namespace, directory: Path, stack: ExitStack) -> int:
     """Everything, in order; servers stop when `stack` closes."""
     (directory / "keys").write_text(new_encryption_key() + "\n", encoding="utf-8")
-    users = {f"user{i:03d}@bench.example": PASSWORD for i in range(ACCOUNTS)}
-    (directory / "users.yaml").write_text(yaml.safe_dump(users), encoding="utf-8")
+    write_users(directory, ACCOUNTS)
     redis_url = stack.enter_context(redis_server(directory))
     simulator = SimulatorProcess.start(
         *("--users", str(directory / "users.yaml"), "--rate-limit", "100000"),
