@@ -26,6 +26,7 @@ from uvicorn.supervisors import Multiprocess
 from service.config import CONFIG_ENV, ConfigError, Settings, TlsSettings, load_settings
 from service.logs import configure_logging
 from service.tls import RELOAD_CHECK_SECONDS, CertificateReloader, tls_extension
+from service.watch import FileWatch
 
 EXIT_USAGE = 2
 # A worker failed to start: uvicorn's own exit code for it, whatever the number of workers.
@@ -197,13 +198,20 @@ class _ServerConfig(uvicorn.Config):
         # SIGHUP reloads the config (the app's lifespan follows it); until then, it must not
         # end the process as it would by default.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # The files are looked at before uvicorn reads them: a rotation in between is then
+        # seen as a change at the first check, instead of never.
+        files = None
+        if self.tls is not None:
+            files = FileWatch((self.tls.cert_file, self.tls.key_file), wait_for_all=True)
         try:
             super().load()
         except Exception:
             logging.getLogger("uvicorn.error").exception("Error loading ASGI app")
             sys.exit(STARTUP_FAILURE)
-        if self.tls is not None and self.ssl is not None:
-            self._reloader = CertificateReloader(self.ssl, self.tls.cert_file, self.tls.key_file)
+        if self.tls is not None and self.ssl is not None and files is not None:
+            self._reloader = CertificateReloader(
+                self.ssl, self.tls.cert_file, self.tls.key_file, files=files
+            )
 
     async def _reload_certificate(self) -> None:
         if self._reloader is not None:

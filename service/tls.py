@@ -121,11 +121,19 @@ class CertificateReloader:
     the middle of a swap is looked at again next time.
     """
 
-    def __init__(self, context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        cert_file: Path,
+        key_file: Path,
+        *,
+        files: FileWatch | None = None,
+    ) -> None:
         self._context = context
         self._cert_file = cert_file
         self._key_file = key_file
-        self._files = FileWatch((cert_file, key_file), wait_for_all=True)
+        # `files`: a watch begun before `context` read the files (see serving.py).
+        self._files = files or FileWatch((cert_file, key_file), wait_for_all=True)
 
     def reload_if_changed(self) -> bool:
         """Reload if the files changed since last seen; whether a new certificate is in use.

@@ -11,6 +11,7 @@ import pytest
 from cryptography import x509
 
 from service.tls import CertificateReloader, canonical_subject, tls_extension
+from service.watch import FileWatch
 from tests.certificates import Issued, SecretVolume, make_ca, make_client_cert, make_server_cert
 
 _ROUNDS = 10
@@ -82,6 +83,23 @@ def test_new_handshakes_get_a_certificate_swapped_into_the_volume(
     assert reloader.reload_if_changed()
     assert served_serial(context, ca) == second.certificate.serial_number
     assert not reloader.reload_if_changed()
+
+
+def test_a_rotation_while_the_server_loads_its_certificate_is_not_missed(
+    tmp_path: Path, ca: Issued
+) -> None:
+    """The files are swapped after the watch began but before the server read them (a worker
+    starting during a rotation): the first check reloads, so the new certificate is served."""
+    volume = SecretVolume(tmp_path / "tls")
+    volume.publish(make_server_cert(ca, tmp_path / "first"))
+    files = FileWatch((volume.cert_file, volume.key_file), wait_for_all=True)
+    second = make_server_cert(ca, tmp_path / "second")
+    volume.publish(second)
+    context = server_context(volume)
+    reloader = CertificateReloader(context, volume.cert_file, volume.key_file, files=files)
+
+    assert reloader.reload_if_changed()
+    assert served_serial(context, ca) == second.certificate.serial_number
 
 
 def test_a_pair_that_does_not_match_keeps_the_previous_certificate(
