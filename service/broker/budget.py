@@ -96,6 +96,14 @@ class Claim:
 CLAIM: ContextVar[Claim | None] = ContextVar("renewal_claim", default=None)
 
 
+# Background renewals take their units one at a time, `window / limit` apart, instead of a
+# window's units at once: renewals stay spread over time, so the tokens they give fall due
+# spread too, and a sliding window's bursts cannot pile every deadline onto one moment. A
+# waiting caller (demand) may still take every free unit at once; a forced renewal does not
+# wait at all, and keeps to its reserve instead.
+PACED = frozenset({Urgency.RENEWAL, Urgency.IDLE})
+
+
 class BudgetExhaustedError(UpstreamError):
     """The shared budget has no unit left: the attempt was not made (nothing was sent)."""
 
@@ -167,6 +175,7 @@ class AuthBudget:
                 account=account.name,
                 priority=claim.priority,
                 enqueue=left > 0,
+                pace=self._window / self._limit if claim.urgency in PACED else 0.0,
             )
             if wait <= 0:
                 return

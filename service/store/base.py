@@ -121,6 +121,7 @@ class TokenStore(Protocol):
         account: str = "",
         priority: float = 0.0,
         enqueue: bool = True,
+        pace: float = 0.0,
     ) -> float:
         """Take one unit of the auth budget of `scope`: 0.0 when granted, else the seconds until
         a unit may be free (at most `limit` grants in any window of `period_seconds`, and none
@@ -133,7 +134,11 @@ class TokenStore(Protocol):
         takes it out of the queue, and an entry not queued again within
         `QUEUE_STALE_SECONDS` is dropped (its replica gave up or is gone). Without `enqueue`
         (a caller that will not wait), the account is not queued and ranks after every more
-        urgent claim. A queued caller is told to wait at least `QUEUE_POLL_SECONDS`."""
+        urgent claim. A queued caller is told to wait at least `QUEUE_POLL_SECONDS`.
+
+        With `pace` (seconds), a unit is granted only once the scope's last grant is at least
+        that old: paced claims are spread over the window instead of taking its units at once.
+        """
         ...
 
     async def hasten(self, scope: str, account: str, priority: float) -> None:

@@ -142,6 +142,7 @@ class MemoryStore:
         account: str = "",
         priority: float = 0.0,
         enqueue: bool = True,
+        pace: float = 0.0,
     ) -> float:
         """0.0 if a unit of `scope`'s budget was granted, else the seconds to wait; `account`
         queued at `priority` as in the Redis store."""
@@ -173,7 +174,8 @@ class MemoryStore:
         elif account:
             rank = sum(score < priority for score in queue.values())
         count = len(grants)
-        if rank < limit - count:
+        paced_until = grants[-1] + pace if grants and pace > 0 else now
+        if rank < limit - count and paced_until <= now:
             grants.append(now)
             if register:
                 del queue[account], seen[account]
@@ -181,8 +183,10 @@ class MemoryStore:
         shortest = QUEUE_POLL_SECONDS if account else 0.001
         if not grants:
             return max(shortest, period_seconds)
+        if rank < limit - count:
+            return max(shortest, paced_until - now)
         frees_at = grants[min(count - 1, count - limit + rank)] + period_seconds
-        return max(shortest, frees_at - now)
+        return max(shortest, frees_at - now, paced_until - now)
 
     async def hasten(self, scope: str, account: str, priority: float) -> None:
         """Lower the priority of `account`'s queued claim to `priority`, if it is queued."""

@@ -327,6 +327,7 @@ class RedisStore:
         account: str = "",
         priority: float = 0.0,
         enqueue: bool = True,
+        pace: float = 0.0,
     ) -> float:
         """0.0 if a unit of `scope`'s budget was granted, else the seconds to wait."""
         self._windows[scope] = max(1, int(period_seconds * 1000))
@@ -343,6 +344,7 @@ class RedisStore:
             int(QUEUE_STALE_SECONDS * 1000),
             1 if enqueue else 0,
             int(QUEUE_POLL_SECONDS * 1000),
+            int(pace * 1000),
         ]
         async with self._reaching("while taking auth budget"):
             wait_ms, epoch = await self._take_budget(keys=self._budget_keys(scope), args=args)

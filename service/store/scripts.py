@@ -107,7 +107,8 @@ end
 # Retry-After: 1e9 at its word, is cut to it), the account ('' for none: no queue, as an older
 # broker), its priority, the ms after which an entry not registered again is dropped (its
 # replica is gone), 1 to register the claim (a caller that will wait) or 0 to only ask, the
-# shortest wait in ms returned to a queued caller.
+# shortest wait in ms returned to a queued caller, the pace in ms (a grant then needs the last
+# grant to be at least this old; 0 for none).
 # A unit goes to the account only while its rank in the queue (or, unregistered, the number of
 # more urgent claims) is below the free units; a grant removes its entry. Any replica's most
 # urgent claim for an account wins (ZADD LT).
@@ -152,7 +153,14 @@ if register then
 elseif account ~= '' then
     rank = redis.call('ZCOUNT', KEYS[4], '-inf', '(' .. priority)
 end
-if rank < limit - count then
+-- A paced claim waits until the last grant is `pace` ms old: spread over the window.
+local paced_until = now
+local pace = tonumber(ARGV[13])
+if pace > 0 and count > 0 then
+    local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+    paced_until = tonumber(last[2]) + pace
+end
+if rank < limit - count and paced_until <= now then
     redis.call('ZADD', KEYS[1], now, string.format('%d-%s', now, ARGV[3]))
     redis.call('PEXPIRE', KEYS[1], period)
     if register then
@@ -168,11 +176,14 @@ end
 if count == 0 then
     return {math.max(shortest, period), epoch}
 end
+if rank < limit - count then
+    return {math.max(shortest, paced_until - now), epoch}
+end
 -- rank + 1 units must be free: the (rank - free)-th oldest grant must leave (the limit may
 -- also have been lowered below the log's length); past the log's end, its last grant.
 local index = math.min(count - 1, count - limit + rank)
 local frees = redis.call('ZRANGE', KEYS[1], index, index, 'WITHSCORES')
-return {math.max(shortest, tonumber(frees[2]) + period - now), epoch}
+return {math.max(shortest, tonumber(frees[2]) + period - now, paced_until - now), epoch}
 """
 )
 

@@ -533,3 +533,35 @@ async def test_forced_renewals_are_counted_per_caller_and_account(
 async def test_the_epoch_stays_while_the_store_lives(store: TokenStore) -> None:
     """Asking twice gives the same epoch: nothing was lost in between."""
     assert await store.epoch() == await store.epoch()
+
+
+#: Long enough that no pause of a loaded machine lets a grant leave the window mid-test.
+PACED_PERIOD = 2.0
+
+
+async def test_paced_claims_are_spread_over_the_window(new_replica: NewReplica) -> None:
+    """With four units per window, paced claims get one unit a quarter-window apart, on any
+    replica, and are told the time left until then; an unpaced claim may take the rest at
+    once."""
+    first, second = new_replica(), new_replica()
+    pace = PACED_PERIOD / 4
+
+    async def paced(store: TokenStore, account: str) -> float:
+        return await store.take_budget(
+            "scope", 4, PACED_PERIOD, account=account, priority=1, pace=pace
+        )
+
+    assert await paced(first, "a") == 0.0
+    wait = await paced(second, "b")
+    assert 0.0 < wait <= pace, "the last grant is less than a pace old"
+    await asyncio.sleep(wait + 0.02)
+    assert await paced(second, "b") == 0.0
+    # Unpaced (a caller waiting for a token): the two units left, at once.
+    for account in ("c", "d"):
+        assert await store_take(first, account) == 0.0
+    assert await store_take(first, "e") > 0.0, "the window's four units are taken"
+
+
+async def store_take(store: TokenStore, account: str) -> float:
+    """An unpaced, queued claim on the paced test's budget."""
+    return await store.take_budget("scope", 4, PACED_PERIOD, account=account, priority=0)
