@@ -34,6 +34,8 @@ class CapacityMonitor:
         self._renewals: dict[str, Renewal] = {}
         self._fitting = True
         self.configure(settings)
+        # The budget's queue ranks renewals of the accounts this plan gives up after the others.
+        broker.given_up = self.given_up
 
     def configure(self, settings: Settings) -> None:
         """Take the accounts, refresh and budget settings of a (reloaded) config; the next
@@ -51,6 +53,11 @@ class CapacityMonitor:
         """The account's place in the latest plan (None if it has none: not yet planned, or
         its credentials are rejected)."""
         return self._renewals.get(account)
+
+    def given_up(self, account: str) -> bool:
+        """Whether the latest plan gives `account` up (past capacity)."""
+        renewal = self._renewals.get(account)
+        return renewal is not None and renewal.given_up
 
     def update(self, now: float | None = None) -> list[Plan]:
         """Plan again, set the gauges and log a change between fitting and not; the plans,

@@ -76,6 +76,10 @@ class Timing:
     max_wait_seconds: float = 10.0
 
 
+def _nothing_given_up(_: str) -> bool:
+    return False
+
+
 class TokenBroker:
     """Hands out valid tokens: from this process's cache, from the store, or from Monogoto."""
 
@@ -103,6 +107,8 @@ class TokenBroker:
         # Per account: the obtain in flight, and the caller it charges a forced renewal to.
         self._flights: dict[str, tuple[asyncio.Future[tuple[TokenRecord, Outcome]], str | None]]
         self._flights = {}
+        # Whether the renewal plan gives an account up (set by the plan's monitor, if any).
+        self.given_up: Callable[[str], bool] = _nothing_given_up
         # Per account: the claim on the auth budget of the obtain in flight.
         self._claims: dict[str, Claim] = {}
 
@@ -177,7 +183,7 @@ class TokenBroker:
         if local is not None:
             self._check_reachable(min_ttl, local.record)
         forced = local is not None and self._keeps(local.record)
-        claim = Claim(Urgency.FORCED, now) if forced else self._demand(now)
+        claim = Claim(Urgency.FORCED, now) if forced else self._caller_claim(account, now)
         record, outcome = await self._waited(
             self._obtain(
                 account,
@@ -293,6 +299,19 @@ class TokenBroker:
         """Clear this process's rejection and back-off of `account` (a reset was announced)."""
         self._states[account].clear_failures(account)
 
+    def _caller_claim(self, account: str, now: float) -> Claim:
+        """The claim of a caller that waits for `account`'s token: demand, unless the renewal
+        plan gives the account up (past capacity), when it waits behind the renewals of the
+        accounts kept, as their renewals do: the budget goes where the plan can keep tokens
+        valid, and this caller gets 503 with the time until a unit may be free."""
+        if self.given_up(account):
+            return Claim(
+                Urgency.IDLE,
+                self.deadline(account),
+                wait_until=now + self._timing.max_wait_seconds,
+            )
+        return self._demand(now)
+
     def _demand(self, now: float) -> Claim:
         """The claim of a caller that waits for a token: first come, first served, for as long
         as the caller waits."""
@@ -317,8 +336,12 @@ class TokenBroker:
         now = time.time()
         token = state.token
         lifetime = None if token is None else token.record.lifetime
-        idle = state.last_read == 0.0 or (
-            lifetime is not None and now - state.last_read > IDLE_LIFETIMES * lifetime
+        idle = (
+            state.last_read == 0.0
+            or (lifetime is not None and now - state.last_read > IDLE_LIFETIMES * lifetime)
+            # Past capacity the plan gives some accounts up, and the queue agrees: their
+            # renewals come after the others', so the failures stay with them.
+            or self.given_up(account)
         )
         expires_at = 0.0 if token is None else token.expires_at
         return Claim(

@@ -72,6 +72,8 @@ class Renewal:
     at_risk: bool
     # Read within the last two lifetimes.
     used: bool
+    # Past capacity: one of the accounts the plan gives up (planned after all the others).
+    given_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +125,16 @@ def make_plan(
     if not accounts:
         return Plan({}, load, budget.capacity)
     jobs = [_first_job(account, min_remaining, fraction, margin, now) for account in accounts]
-    # The order in which accounts are kept: used before idle, then the most recently read.
+    # The order in which accounts are kept: used before idle; among the idle, the most recently
+    # read; among the used, by name alone, so that plans made seconds apart (the reads of used
+    # accounts keep coming) give up the same accounts rather than new ones each time.
     keep_order = sorted(
         range(len(accounts)),
-        key=lambda i: (not jobs[i].used, -accounts[i].last_read, accounts[i].name),
+        key=lambda i: (
+            not jobs[i].used,
+            0.0 if jobs[i].used else -accounts[i].last_read,
+            accounts[i].name,
+        ),
     )
     keep_rank = [0] * len(accounts)
     for rank, i in enumerate(keep_order):
@@ -140,7 +148,8 @@ def make_plan(
         margin=margin,
         now=now,
     )
-    slots = schedule.run(schedule.given_up(keep_rank))
+    given_up = schedule.given_up(keep_rank)
+    slots = schedule.run(given_up)
     renewals = {
         account.name: Renewal(
             name=account.name,
@@ -148,6 +157,7 @@ def make_plan(
             next_renewal_at=slots[i],
             at_risk=slots[i] > job.deadline + _EPSILON,
             used=job.used,
+            given_up=i in given_up,
         )
         for i, (account, job) in enumerate(zip(accounts, jobs, strict=True))
     }

@@ -20,6 +20,7 @@ from service.broker import (
     UpstreamUnavailableError,
     runtime,
 )
+from service.broker.budget import Urgency
 from service.claims import read_claims
 from service.config import build_settings
 from service.simulator.client import SimulatorControl
@@ -363,3 +364,19 @@ async def test_a_renewal_waiting_for_budget_keeps_its_lock_past_the_lease(
     await asyncio.sleep(3.5)  # a second login of either account would have had its unit
     assert logins(simulator) == 2
     assert simulator.calls("v1_token", "rate_limited") == 0
+
+
+async def test_the_queue_ranks_the_accounts_the_plan_gives_up_after_the_kept_ones(
+    start_replicas: StartReplicas,
+) -> None:
+    """Both accounts are read, so both renew as used ones; once the plan gives one up, its
+    renewals rank with the idle ones, after the other's."""
+    [replica] = await start_replicas(accounts=2)
+    for name in ("acct-0", "acct-1"):
+        await replica.broker.get(name)
+    assert replica.broker.given_up("acct-1") is False  # the plan fits: nothing given up
+    claims = [replica.broker.renewal_claim(name).urgency for name in ("acct-0", "acct-1")]
+    assert claims == [Urgency.RENEWAL, Urgency.RENEWAL]
+    replica.broker.given_up = lambda name: name == "acct-1"
+    claims = [replica.broker.renewal_claim(name).urgency for name in ("acct-0", "acct-1")]
+    assert claims == [Urgency.RENEWAL, Urgency.IDLE]

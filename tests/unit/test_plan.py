@@ -151,9 +151,10 @@ def test_idle_accounts_are_given_up_first_under_overload() -> None:
     assert set(result.at_risk) <= {a.name for a in idle}
 
 
-def test_under_overload_the_longest_unread_accounts_are_given_up_first() -> None:
-    """More used accounts than the budget can keep: those read most recently keep their
-    deadlines, the ones read longest ago are at risk (not a scattering of accounts)."""
+def test_under_overload_the_same_used_accounts_are_given_up_whenever_they_were_read() -> None:
+    """More used accounts than the budget can keep: the same few are at risk (not a scattering
+    of accounts), whichever of them was read last: plans made seconds apart, while callers keep
+    reading every account, give up the same accounts, and flag them `given_up`."""
     budget = Budget(limit=1, window_seconds=10.0)
     accounts = [
         AccountInput(f"account-{i}", 100.0, NOW + 20.0 + i, last_read=NOW - 10.0 * i)
@@ -162,6 +163,14 @@ def test_under_overload_the_longest_unread_accounts_are_given_up_first() -> None
     result = plan(accounts, budget, fraction=0.5)
     # Deadlines 13 to 18 s from now: two slots (0 and 10 s) come in time.
     assert sorted(result.at_risk) == [f"account-{i}" for i in range(2, 6)]
+    reread = [
+        AccountInput(a.name, a.lifetime, a.expires_at, last_read=NOW - 10.0 * (5 - i))
+        for i, a in enumerate(accounts)
+    ]
+    again = plan(reread, budget, fraction=0.5)
+    assert sorted(again.at_risk) == sorted(result.at_risk)
+    given_up = sorted(name for name, r in again.renewals.items() if r.given_up)
+    assert given_up == sorted(result.at_risk)
 
 
 def test_past_capacity_the_plan_gives_up_the_idle_accounts() -> None:
