@@ -150,14 +150,29 @@ def make_plan(
     )
     given_up = schedule.given_up(keep_rank)
     slots = schedule.run(given_up)
+
+    # The next renewals may all fit while the steady state cannot: past capacity, the accounts
+    # ranked last are given up too, until the load of those kept fits (their tokens would run
+    # out within a few lifetimes, whatever the next renewal does).
+    def calls(i: int) -> float:
+        return 1.0 / max(accounts[i].lifetime - min_remaining, _EPSILON)
+
+    unsustainable: set[int] = set()
+    kept_load = load - sum(calls(i) for i in given_up)
+    for i in reversed(keep_order):
+        if kept_load <= budget.capacity + _EPSILON:
+            break
+        if i not in given_up:
+            unsustainable.add(i)
+            kept_load -= calls(i)
     renewals = {
         account.name: Renewal(
             name=account.name,
             deadline=job.deadline,
             next_renewal_at=slots[i],
-            at_risk=slots[i] > job.deadline + _EPSILON,
+            at_risk=slots[i] > job.deadline + _EPSILON or i in unsustainable,
             used=job.used,
-            given_up=i in given_up,
+            given_up=i in given_up or i in unsustainable,
         )
         for i, (account, job) in enumerate(zip(accounts, jobs, strict=True))
     }

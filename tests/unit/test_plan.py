@@ -241,3 +241,18 @@ def test_past_capacity_as_few_accounts_as_possible_are_given_up() -> None:
     capacity = 5 / 61 * (4 * 3600 - 60)
     assert result.utilisation == pytest.approx(1300 / capacity)
     assert 1300 - capacity <= len(result.at_risk) <= 1300 - capacity + 5
+
+
+def test_past_capacity_accounts_are_at_risk_even_when_their_next_renewals_fit() -> None:
+    """44 used accounts of 45 s tokens on 60 calls per 61 s (110 % of what it renews): the
+    next renewals all fit in the budget's free units, but the steady state cannot keep every
+    account, so the plan gives up as many as the load exceeds the capacity, by name."""
+    accounts = [
+        AccountInput(f"account-{i:02d}", 45.0, NOW + 10.0 + 35.0 * i / 44, last_read=NOW)
+        for i in range(44)
+    ]
+    result = plan(accounts, Budget(limit=60, window_seconds=61.0))
+    assert result.utilisation == pytest.approx(44 / 40 / (60 / 61))
+    kept = int(40 * 60 / 61)  # 39 accounts' calls fit
+    assert sorted(result.at_risk) == [f"account-{i}" for i in range(kept, 44)]
+    assert all(result.renewals[name].given_up for name in result.at_risk)
