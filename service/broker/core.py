@@ -150,6 +150,10 @@ class TokenBroker:
         """This process's view of `account` (KeyError if it is not configured)."""
         return self._states[account]
 
+    def find(self, account: str) -> AccountState | None:
+        """This process's view of `account`, None if it is not configured."""
+        return self._states.get(account)
+
     def _state(self, account: str) -> AccountState:
         """`state`, for a request: UnknownAccountError (403) if the account is not configured
         (a reload removed it after the caller was authorised)."""
