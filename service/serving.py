@@ -66,6 +66,10 @@ def run_serve(config: Path | None, *, host: str, port: int, workers: int) -> int
     problem = _usage_problem(settings, port=port, workers=workers)
     if problem is not None:
         return _fail("serve", problem)
+    # Only these are used here; the workers load their own settings, and this copy would stay
+    # for as long as they serve (about 1 MiB with 1,000 accounts).
+    metrics_port, tls = settings.metrics_port, settings.tls
+    del settings
     configure_logging("INFO")
     # Workers load the app themselves (one per process) and find the config here.
     # Absolute, but not resolved: a mounted ConfigMap's file is a symlink whose target directory
@@ -77,12 +81,12 @@ def run_serve(config: Path | None, *, host: str, port: int, workers: int) -> int
     with contextlib.ExitStack() as running:
         running.enter_context(_metrics_directory(workers))
         try:
-            running.enter_context(_metrics_server(host, settings.metrics_port))
+            running.enter_context(_metrics_server(host, metrics_port))
         except OSError as error:
-            log.error(f"cannot serve the metrics on port {settings.metrics_port}: {error.strerror}")
+            log.error(f"cannot serve the metrics on port {metrics_port}: {error.strerror}")
             return EXIT_STARTUP_FAILURE
         try:
-            serve_app(APP_FACTORY, host=host, port=port, workers=workers, tls=settings.tls)
+            serve_app(APP_FACTORY, host=host, port=port, workers=workers, tls=tls)
         except WorkerStartupError as error:
             log.error(str(error), extra={"workers": workers})
             return EXIT_STARTUP_FAILURE

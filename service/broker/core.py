@@ -97,8 +97,14 @@ class TokenBroker:
         self._client = client
         self._timing = timing
         self._names = tuple(accounts)
+        # Told the name of each account that changes (`watch`).
+        self._watchers: list[Callable[[str], None]] = []
+        self._changed = self._tell_watchers  # one bound method, shared by every state
         self._states = {
-            name: AccountState(credentials_fingerprint(account.username, account.password))
+            name: AccountState(
+                credentials_fingerprint(account.username, account.password),
+                on_change=self._changed,
+            )
             for name, account in accounts.items()
         }
         for name, state in self._states.items():
@@ -133,7 +139,7 @@ class TokenBroker:
             credentials = credentials_fingerprint(account.username, account.password)
             state = self._states.get(name)
             if state is None:
-                self._states[name] = AccountState(credentials)
+                self._states[name] = AccountState(credentials, on_change=self._changed)
                 self._states[name].publish(name)
             elif credentials != state.credentials:
                 log.info(
@@ -144,8 +150,17 @@ class TokenBroker:
         self._accounts, self._names = accounts, tuple(accounts)
         self._refresh, self._timing = refresh, timing
         self._renewer.apply(accounts, refresh)
-        for state in self._states.values():
-            state.notify()
+        for name, state in self._states.items():
+            state.notify(name)
+
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """Call `callback` with the account's name whenever an account changes (its token, its
+        credentials, its rejection or back-off, or the config)."""
+        self._watchers.append(callback)
+
+    def _tell_watchers(self, account: str) -> None:
+        for callback in self._watchers:
+            callback(account)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -155,6 +170,10 @@ class TokenBroker:
     def state(self, account: str) -> AccountState:
         """This process's view of `account` (KeyError if it is not configured)."""
         return self._states[account]
+
+    def find(self, account: str) -> AccountState | None:
+        """This process's view of `account`, None if it is not configured."""
+        return self._states.get(account)
 
     def _state(self, account: str) -> AccountState:
         """`state`, for a request: UnknownAccountError (403) if the account is not configured

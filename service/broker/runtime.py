@@ -103,8 +103,6 @@ class BrokerRuntime:
         # The renewal plan: its gauges, and each account's next renewal for /v1/accounts.
         self.capacity = CapacityMonitor(broker, settings)
         self._tasks: list[asyncio.Task[None]] = []
-        # One refresher task per account, by account name.
-        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     @classmethod
     async def start(cls, settings: Settings) -> BrokerRuntime:
@@ -162,15 +160,15 @@ class BrokerRuntime:
             self._sync.listen_forever(),
             self._sync.poll_forever(),
             self.capacity.run_forever(),
+            self._refresher.run_forever(),
         ]
+        self._refresher.follow(self.broker.names)
         self._tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
-        for account in self.broker.names:
-            self._refreshing[account] = asyncio.create_task(self._refresher.run(account))
 
     def apply(self, settings: Settings) -> None:
-        """Take a reloaded configuration at once: accounts (a refresher task starts for an added
-        one, stops for a removed one), credentials, the refresh, retry, timeout and budget
-        settings, and the key ring. The settings that cannot change live
+        """Take a reloaded configuration at once: accounts (an added one is renewed from now on,
+        a removed one's renewal in progress is cancelled), credentials, the refresh, retry,
+        timeout and budget settings, and the key ring. The settings that cannot change live
         (`service.config.changes.RESTART_SETTINGS`) must be those already in use."""
         retry = build_retry_policy(settings)
         upstream = settings.upstream
@@ -189,11 +187,7 @@ class BrokerRuntime:
             settings.accounts_resolved(), settings.refresh, timing_for(settings, retry)
         )
         self.capacity.configure(settings)
-        for account in self._refreshing.keys() - set(self.broker.names):
-            self._refreshing.pop(account).cancel()
-        for account in self.broker.names:
-            if account not in self._refreshing:
-                self._refreshing[account] = asyncio.create_task(self._refresher.run(account))
+        self._refresher.follow(self.broker.names)
         self.settings = settings
 
     async def stop(self) -> None:
@@ -202,7 +196,7 @@ class BrokerRuntime:
         # written first, before anything that could hang or fail.
         self.audit.close()
         self._sync.stop()
-        self._tasks += self._refreshing.values()
+        self._tasks += self._refresher.stop()
         for task in self._tasks:
             task.cancel()
         self.broker.cancel_flights()

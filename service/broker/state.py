@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -94,8 +95,18 @@ class AccountState:
     # When a caller was last served a token of this account by this process (wall clock; 0.0
     # if never): accounts nobody reads are renewed last when the budget is short.
     last_read: float = 0.0
-    # Replaced by a fresh event on every change; waiters hold the one current when they looked.
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Told the account's name on every change (the Refresher looks at the account again).
+    on_change: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    # Replaced on every change; waiters hold the one current when they looked. Made only when
+    # someone waits: most accounts have nobody waiting most of the time.
+    _changed: asyncio.Event | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """An event set at the account's next change."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
 
     @property
     def version(self) -> int:
@@ -127,7 +138,7 @@ class AccountState:
             # A revoked token is served no more: for alerts, it expired.
             TOKEN_EXPIRY.labels(account).set(record.usable_until)
             self.publish(account)
-            self.notify()
+            self.notify(account)
         return self.token
 
     def _verified_by(self, record: TokenRecord) -> None:
@@ -163,12 +174,15 @@ class AccountState:
         self.credentials_rejected = False
         CREDENTIALS_REJECTED.labels(account).set(0)
         self.publish(account)
-        self.notify()
+        self.notify(account)
 
-    def notify(self) -> None:
-        """Wake everyone waiting for a change of this account."""
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
+    def notify(self, account: str) -> None:
+        """Wake everyone waiting for a change of this account, and tell `on_change`."""
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+        if self.on_change is not None:
+            self.on_change(account)
 
     def failed(self, detail: str, retry_after: float = 0.0) -> None:
         """A renewal by this process failed for a transient reason; Monogoto is not asked again

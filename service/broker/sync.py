@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from service.broker.core import TokenBroker
 from service.metrics import STORE_ERRORS, STORE_FAILOVERS
@@ -23,6 +24,8 @@ from service.store import StoreUnavailableError, TokenStore
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_SECONDS = 1.0
+# Records read in one round trip when many are newer than ours (at start-up, all of them).
+PULL_BATCH = 200
 RESUBSCRIBE_MIN_SECONDS = 0.5
 RESUBSCRIBE_MAX_SECONDS = 5.0
 
@@ -50,13 +53,21 @@ class StoreSync:
 
     async def pull(self, account: str, version: int) -> None:
         """Load `account`'s record, stored at `version`, and cache it if it is newer than ours."""
-        if self._unreadable.get(account) == version:
-            return
-        record = await self._store.load(account)
-        if record is None:
-            self._unreadable[account] = version
-        elif self._broker.accept(account, record):
-            log.debug("cache updated from store", extra={"account": account})
+        await self.pull_many([(account, version)])
+
+    async def pull_many(self, stored: Sequence[tuple[str, int]]) -> None:
+        """`pull` for each (account, version), the records read PULL_BATCH at a time (one round
+        trip each)."""
+        wanted = [(account, v) for account, v in stored if self._unreadable.get(account) != v]
+        for start in range(0, len(wanted), PULL_BATCH):
+            batch = wanted[start : start + PULL_BATCH]
+            records = await self._store.load_many([account for account, _ in batch])
+            for account, version in batch:
+                record = records[account]
+                if record is None:
+                    self._unreadable[account] = version
+                elif self._broker.accept(account, record):
+                    log.debug("cache updated from store", extra={"account": account})
 
     async def poll_once(self) -> None:
         """Check the store's epoch, then compare every account's stored version with ours:
@@ -74,14 +85,16 @@ class StoreSync:
         self._epoch = epoch
         stored = await self._store.versions(self._broker.names)
         self.store_ok = True
+        newer: list[tuple[str, int]] = []
         for account, version in stored.items():
-            if account not in self._broker.names:
+            state = self._broker.find(account)
+            if state is None:
                 continue  # removed by a config reload meanwhile
-            state = self._broker.state(account)
             if version > state.version:
-                await self.pull(account, version)
+                newer.append((account, version))
             elif version < state.version:
                 await self._broker.restore(account)
+        await self.pull_many(newer)
 
     async def poll_forever(self) -> None:
         """Run `poll_once` every second; a store outage is noted and waited out."""

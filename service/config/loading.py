@@ -121,8 +121,8 @@ def _build(data: Mapping[Any, Any], origins: Origins, file: str | None) -> Confi
     return ConfigCheck(settings, environment.warnings)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+class _UniqueKeys(yaml.constructor.SafeConstructor):
+    """SafeConstructor that rejects duplicate keys instead of silently keeping the last one."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -138,6 +138,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader, _UniqueKeys):
+    """SafeLoader (PyYAML's own parser, in Python) with `_UniqueKeys`."""
+
+
+class _CUniqueKeyLoader(yaml.CSafeLoader, _UniqueKeys):
+    """CSafeLoader (libyaml's parser) with `_UniqueKeys`: several times faster than
+    `_UniqueKeyLoader` on a config of many accounts, and without the garbage of the parser in
+    Python, which stays in the process's memory once freed."""
+
+
+# PyYAML built without libyaml has no CSafeLoader that works.
+_FastLoader: type[Any] = _CUniqueKeyLoader if yaml.__with_libyaml__ else _UniqueKeyLoader
 
 
 def _read_yaml(path: Path) -> Mapping[Any, Any]:
@@ -168,7 +182,18 @@ def _read_document(path: Path) -> tuple[Mapping[Any, Any], yaml.Node | None]:
 
 
 def _parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
-    loader = _UniqueKeyLoader(text)
+    try:
+        return _parse_with(_FastLoader, text)
+    except yaml.YAMLError:
+        if _FastLoader is _UniqueKeyLoader:
+            raise
+    # A document libyaml refuses is parsed again by PyYAML's own parser, whose verdict and
+    # messages (file positions, never the text) are the ones documented.
+    return _parse_with(_UniqueKeyLoader, text)
+
+
+def _parse_with(loader_class: type[Any], text: str) -> tuple[Any, yaml.Node | None]:
+    loader = loader_class(text)
     try:
         node = loader.get_single_node()
         return (loader.construct_document(node) if node is not None else None), node

@@ -72,6 +72,10 @@ class TokenStore(Protocol):
         remembered as spent is left out of the record."""
         ...
 
+    async def load_many(self, accounts: Sequence[str]) -> dict[str, TokenRecord | None]:
+        """Each account's record as `load` gives it (one round trip)."""
+        ...
+
     async def save(
         self,
         account: str,

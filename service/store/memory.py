@@ -53,6 +53,10 @@ class MemoryStore:
                 return replace(record, refresh_token=None)
         return record
 
+    async def load_many(self, accounts: Sequence[str]) -> dict[str, TokenRecord | None]:
+        """Each account's record as `load` gives it."""
+        return {account: await self.load(account) for account in accounts}
+
     async def save(
         self,
         account: str,

@@ -145,11 +145,26 @@ class RedisStore:
     async def load(self, account: str) -> TokenRecord | None:
         """The account's current record, or None if there is none or it does not decrypt; a
         refresh token remembered as spent is left out of it."""
+        return (await self.load_many([account]))[account]
+
+    async def load_many(self, accounts: Sequence[str]) -> dict[str, TokenRecord | None]:
+        """Each account's record as `load` gives it, all read in one pipeline (one round trip;
+        on a Redis Cluster, one per master holding some of them)."""
         pipeline = self._client.pipeline(transaction=False)
-        pipeline.hmget(self._key(account, "token"), ["v", "e"])
-        pipeline.zrangebyscore(self._key(account, "spent"), _epoch_ms(time.time()), "+inf")
-        async with self._reaching("while loading a token record"):
-            (version, envelope), spent = await pipeline.execute()
+        now_ms = _epoch_ms(time.time())
+        for account in accounts:
+            pipeline.hmget(self._key(account, "token"), ["v", "e"])
+            pipeline.zrangebyscore(self._key(account, "spent"), now_ms, "+inf")
+        async with self._reaching("while loading token records"):
+            replies: list[Any] = await pipeline.execute()
+        return {
+            account: self._loaded(account, *replies[2 * index : 2 * index + 2])
+            for index, account in enumerate(accounts)
+        }
+
+    def _loaded(self, account: str, fields: list[Any], spent: list[bytes]) -> TokenRecord | None:
+        """The record of one account's HMGET v e and its spent refresh tokens."""
+        version, envelope = fields
         if not isinstance(envelope, bytes):
             return None
         try:

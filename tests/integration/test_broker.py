@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pytest
 import redis
+from pydantic import SecretStr
 
 from service.broker import (
     CredentialsRejectedError,
@@ -21,10 +23,11 @@ from service.broker import (
     runtime,
 )
 from service.broker.budget import Urgency
+from service.broker.sync import PULL_BATCH
 from service.claims import read_claims
 from service.config import build_settings
 from service.simulator.client import SimulatorControl
-from service.store import TokenRecord
+from service.store import RedisStore, TokenRecord, credentials_fingerprint
 from tests.integration.conftest import StartReplicas, broker_config, logins
 from tests.support import eventually
 
@@ -345,6 +348,49 @@ async def test_the_renewal_plan_follows_the_tokens_and_a_reloaded_budget(
     [after] = plan.update()
     assert after.at_risk == []
     assert after.capacity == pytest.approx(100 / 61)
+
+
+async def test_a_replica_starting_on_many_stored_records_reads_them_in_batches(
+    start_replicas: StartReplicas,
+    simulator: SimulatorControl,
+    redis_url: str,
+    simulator_url: str,
+    simulator_users: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica of 450 accounts whose records the store holds has taken them all over once
+    started, reading them PULL_BATCH at a time (not one round trip each), with no login."""
+    config = broker_config(redis_url, simulator_url, simulator_users, accounts=450)
+    settings = build_settings(config)
+    store = runtime.open_store(settings)
+    now = time.time()
+    try:
+        for name, account in settings.accounts_resolved().items():
+            record = TokenRecord(
+                version=int(now * 1000),
+                access_token=SecretStr(f"access.{name}"),
+                refresh_token=SecretStr(f"refresh.{name}"),
+                customer_id=None,
+                obtained_at=now,
+                expires_at=now + 3600,
+                credentials=credentials_fingerprint(account.username, account.password),
+            )
+            assert await store.save(name, record)
+    finally:
+        await store.close()
+    reads: list[int] = []
+    load_many = RedisStore.load_many
+
+    async def counted(self: RedisStore, accounts: Sequence[str]) -> dict[str, TokenRecord | None]:
+        reads.append(len(accounts))
+        return await load_many(self, accounts)
+
+    monkeypatch.setattr(RedisStore, "load_many", counted)
+    [replica] = await start_replicas(accounts=450)
+    assert reads == [PULL_BATCH, PULL_BATCH, 450 - 2 * PULL_BATCH]
+    assert all(view.expires_at == now + 3600 for view in replica.broker.accounts())
+    assert (await replica.broker.get("acct-449")).outcome is Outcome.LOCAL
+    assert logins(simulator) == 0
 
 
 async def test_a_renewal_waiting_for_budget_keeps_its_lock_past_the_lease(

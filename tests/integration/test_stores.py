@@ -189,6 +189,29 @@ async def test_versions_of_many_accounts(store: TokenStore) -> None:
     assert await store.versions([]) == {}
 
 
+async def test_records_of_many_accounts_load_at_once(new_replica: NewReplica) -> None:
+    """`load_many` gives each account's record as `load` does (None where there is none, a
+    spent refresh token left out), whatever hash slots their keys are in."""
+    first, second = new_replica(), new_replica()
+    names = [f"fleet-{index}" for index in range(20)]
+    for version, name in enumerate(names[:15], start=1):
+        assert await first.save(name, record(version, token=f"{ACCESS_TOKEN}.{name}"))
+    spent_record = await first.load(names[0])
+    assert spent_record is not None
+    assert spent_record.refresh_token is not None
+    spent = Spent(fingerprint(spent_record.refresh_token.get_secret_value()), time.time() + 60)
+    assert await first.save(names[0], replace(spent_record, version=100), spends=spent)
+    loaded = await second.load_many(names)
+    assert list(loaded) == names
+    assert loaded == {name: await second.load(name) for name in names}
+    assert [found is None for found in loaded.values()] == [False] * 15 + [True] * 5
+    first_loaded = loaded[names[0]]
+    assert first_loaded is not None
+    assert first_loaded.refresh_token is None
+    assert loaded[names[1]] == await first.load(names[1])
+    assert await second.load_many([]) == {}
+
+
 async def test_changes_deliver_writes_of_another_replica(new_replica: NewReplica) -> None:
     """Once subscribed, a replica hears of every write by another replica, each account's in
     order (a cluster delivers notices of accounts on different masters in either order)."""

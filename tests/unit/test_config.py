@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from service.config import (
@@ -16,6 +17,7 @@ from service.config import (
     build_settings,
     config_path_from_env,
     load_settings,
+    loading,
 )
 from service.keys import new_api_key, new_encryption_key
 from tests.config_files import load, problems, write
@@ -744,6 +746,49 @@ def test_duplicate_yaml_key_is_a_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
     assert caught.value.problems == [f"{path}: line 3, column 3: duplicate key 'a'"]
+
+
+def test_libyaml_and_python_parsers_read_a_config_alike() -> None:
+    """The config is parsed by libyaml when PyYAML has it: the same data and the same line for
+    every key as PyYAML's own parser (anchors, flow and block styles, quoting, comments)."""
+    text = (
+        "# comment\n"
+        "redis_url: 'memory://'\n"
+        'defaults: {dialect: v1, password: &password "p: w#1"}\n'
+        "accounts:\n"
+        "  fleet-eu:\n"
+        "    password: *password\n"
+        "    username: eu@example.com  # trailing\n"
+        "  fleet-us: {username: us, password: x, timeout_seconds: 2.5}\n"
+        "callers:\n"
+        "  ops:\n"
+        "    accounts:\n"
+        "      - fleet-eu\n"
+        "      - '*'\n"
+        "    note: |\n"
+        "      two\n"
+        "      lines\n"
+        "empty: ~\n"
+        "flags: [yes, no, on, 0x10, 1_000, 2001-12-14]\n"
+    )
+    fast, fast_node = loading._parse_yaml(text)
+    slow, slow_node = loading._parse_with(loading._UniqueKeyLoader, text)
+    assert loading._FastLoader is not loading._UniqueKeyLoader  # PyYAML built with libyaml
+    assert fast == slow
+
+    def marks(node: yaml.Node) -> list[tuple[str, int, int]]:
+        found = [(node.tag, node.start_mark.line, node.start_mark.column)]
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                found += marks(key) + marks(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                found += marks(item)
+        return found
+
+    assert fast_node is not None
+    assert slow_node is not None
+    assert marks(fast_node) == marks(slow_node)
 
 
 @pytest.mark.parametrize(("content", "kind"), [(["a"], "list"), ("text", "scalar")])
