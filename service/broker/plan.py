@@ -72,7 +72,8 @@ class Renewal:
     at_risk: bool
     # Read within the last two lifetimes.
     used: bool
-    # Past capacity: one of the accounts the plan gives up (planned after all the others).
+    # Past capacity (utilisation above 1): one of the accounts the steady state cannot keep,
+    # whose renewals and callers the budget's queue ranks after the others'.
     given_up: bool = False
 
 
@@ -157,14 +158,18 @@ def make_plan(
     def calls(i: int) -> float:
         return 1.0 / max(accounts[i].lifetime - min_remaining, _EPSILON)
 
+    over = load > budget.capacity + _EPSILON
     unsustainable: set[int] = set()
     kept_load = load - sum(calls(i) for i in given_up)
     for i in reversed(keep_order):
-        if kept_load <= budget.capacity + _EPSILON:
+        if not over or kept_load <= budget.capacity + _EPSILON:
             break
         if i not in given_up:
             unsustainable.add(i)
             kept_load -= calls(i)
+    # The budget's queue ranks these after the others (`Renewal.given_up`) only past capacity:
+    # below it, a renewal late in the simulation is a passing crowd (a cold start's logins).
+    dropped = given_up | unsustainable if over else set()
     renewals = {
         account.name: Renewal(
             name=account.name,
@@ -172,7 +177,7 @@ def make_plan(
             next_renewal_at=slots[i],
             at_risk=slots[i] > job.deadline + _EPSILON or i in unsustainable,
             used=job.used,
-            given_up=i in given_up or i in unsustainable,
+            given_up=i in dropped,
         )
         for i, (account, job) in enumerate(zip(accounts, jobs, strict=True))
     }

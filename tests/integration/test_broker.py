@@ -226,7 +226,10 @@ async def test_cached_tokens_are_served_while_redis_is_down(
     """Redis down: valid cached tokens are still served, the rest fail honestly, and after
     Redis comes back empty the tokens are restored to it without a single login."""
     replicas = await start_replicas(2, accounts=2)
-    await eventually(lambda: all(r.broker.state("acct-0").token for r in replicas))
+    # Both accounts: readiness below wants a valid token for each (their logins are paced).
+    await eventually(
+        lambda: all(r.broker.state(a).token for r in replicas for a in ("acct-0", "acct-1"))
+    )
     cached = await replicas[0].broker.get("acct-0")
     calls = logins(simulator)
     redis_server.kill()
