@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from tests.e2e.harness import (
     limited_config,
     write_config,
 )
+from tests.support import eventually
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import Record, StartBrokers
@@ -33,14 +33,6 @@ CALL_SECONDS = 2.0
 ACCOUNTS = {f"demand-{index}": account(index) for index in range(30)}
 # Three callers, one per replica, each asking for a different account without a token.
 ASKED = 3
-
-
-async def eventually_true(check: Callable[[], bool], within: float, what: str) -> None:
-    """Poll `check()` every 0.1 s until it is true; fail naming `what` after `within` s."""
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def test_a_caller_gets_the_next_unit_ahead_of_background_logins(
@@ -75,9 +67,7 @@ async def test_a_caller_gets_the_next_unit_ahead_of_background_logins(
         return {name: count.calls for name, count in counts.items()}
 
     # Background logins are paced: a window's units take a window to spend.
-    await eventually_true(
-        lambda: sum(calls().values()) >= LIMIT, BROKER_WINDOW_SECONDS + 5, "a window's logins"
-    )
+    await eventually(lambda: sum(calls().values()) >= LIMIT, within=BROKER_WINDOW_SECONDS + 5)
     before = calls()
     asked = [name for name, count in before.items() if count == 0][-ASKED:]
 
@@ -99,10 +89,9 @@ async def test_a_caller_gets_the_next_unit_ahead_of_background_logins(
     # Units the background logins got while the callers waited (one may have been granted
     # just before the callers' claims reached the queue).
     background = sum(served[name] - before[name] for name in ACCOUNTS if name not in asked)
-    await eventually_true(
+    await eventually(
         lambda: all(count >= 1 for count in calls().values()),
-        3 * BROKER_WINDOW_SECONDS + 5,
-        "every account's first login",
+        within=3 * BROKER_WINDOW_SECONDS + 5,
     )
     total = UpstreamCounts.read(e2e_simulator)
     reliability(
