@@ -20,7 +20,7 @@ from service.broker.model import (
     UnknownAccountError,
     UpstreamUnavailableError,
 )
-from service.broker.plan import SAFETY_MARGIN_SECONDS
+from service.broker.plan import SAFETY_MARGIN_SECONDS, refresh_offset, used_lately
 from service.broker.renewer import Renewer
 from service.broker.state import AccountState
 from service.claims import fingerprint
@@ -47,9 +47,6 @@ STORE_RETRY_AFTER_SECONDS = 5.0
 STILL_OBTAINING_RETRY_AFTER_SECONDS = 5.0
 # A caller may force one renewal of an account per this interval (Monogoto's own window).
 FORCED_RENEWAL_INTERVAL_SECONDS = 60.0
-# An account nobody read on this replica for this many token lifetimes is renewed after those
-# that are read, when the budget cannot renew all of them in time.
-IDLE_LIFETIMES = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,15 +97,7 @@ class TokenBroker:
         # Told the name of each account that changes (`watch`).
         self._watchers: list[Callable[[str], None]] = []
         self._changed = self._tell_watchers  # one bound method, shared by every state
-        self._states = {
-            name: AccountState(
-                credentials_fingerprint(account.username, account.password),
-                on_change=self._changed,
-            )
-            for name, account in accounts.items()
-        }
-        for name, state in self._states.items():
-            state.publish(name)
+        self._states = {name: self._new_state(name, account) for name, account in accounts.items()}
         self._renewer = Renewer(accounts, refresh, store, client, self._states)
         # Per account: the obtain in flight, and the caller it charges a forced renewal to.
         self._flights: dict[str, tuple[asyncio.Future[tuple[TokenRecord, Outcome]], str | None]]
@@ -139,8 +128,7 @@ class TokenBroker:
             credentials = credentials_fingerprint(account.username, account.password)
             state = self._states.get(name)
             if state is None:
-                self._states[name] = AccountState(credentials, on_change=self._changed)
-                self._states[name].publish(name)
+                self._states[name] = self._new_state(name, account)
             elif credentials != state.credentials:
                 log.info(
                     "account credentials changed; verifying them",
@@ -152,6 +140,13 @@ class TokenBroker:
         self._renewer.apply(accounts, refresh)
         for name, state in self._states.items():
             state.notify(name)
+
+    def _new_state(self, name: str, account: Account) -> AccountState:
+        """The state of a newly configured account, its credentials gauge set."""
+        credentials = credentials_fingerprint(account.username, account.password)
+        state = AccountState(credentials, on_change=self._changed)
+        state.publish(name)
+        return state
 
     def watch(self, callback: Callable[[str], None]) -> None:
         """Call `callback` with the account's name whenever an account changes (its token, its
@@ -348,7 +343,7 @@ class TokenBroker:
 
     def renewal_claim(self, account: str) -> Claim:
         """A background renewal's claim: by deadline, after the renewals of accounts read lately
-        if nobody read this one for `IDLE_LIFETIMES` lifetimes here. It waits for a unit until
+        if nobody read this one lately here (`plan.used_lately`). It waits for a unit until
         the token expires (callers of the account then wait with it), or for as long as a lock
         waiter would wait for it when there is no token."""
         state = self._states[account]
@@ -356,8 +351,7 @@ class TokenBroker:
         token = state.token
         lifetime = None if token is None else token.record.lifetime
         idle = (
-            state.last_read == 0.0
-            or (lifetime is not None and now - state.last_read > IDLE_LIFETIMES * lifetime)
+            not used_lately(state.last_read, lifetime, now)
             # Past capacity the plan gives some accounts up, and the queue agrees: their
             # renewals come after the others', so the failures stay with them.
             or self.given_up(account)
@@ -458,9 +452,9 @@ class TokenBroker:
         longer than the lifetime must not turn into a login loop)."""
         if record.revoked:
             return record.obtained_at
-        fraction_point = self._refresh.fraction * record.lifetime
-        by_minimum = record.lifetime - self._need
-        return record.obtained_at + max(fraction_point / 2, min(fraction_point, by_minimum))
+        return record.obtained_at + refresh_offset(
+            record.lifetime, self._refresh.fraction, self._need
+        )
 
     def due(self, record: TokenRecord) -> bool:
         """Whether a record has reached its refresh point."""

@@ -104,6 +104,14 @@ class Plan:
         return self.utilisation <= 1.0 and not any(r.at_risk for r in self.renewals.values())
 
 
+def used_lately(last_read: float, lifetime: float | None, now: float) -> bool:
+    """Whether an account read at `last_read` (0 if never) is in use: read within
+    `IDLE_LIFETIMES` of its token's `lifetime` (None while it has no token: read at all)."""
+    if last_read <= 0:
+        return False
+    return lifetime is None or now - last_read <= IDLE_LIFETIMES * lifetime
+
+
 def refresh_offset(lifetime: float, fraction: float, min_remaining: float) -> float:
     """How long after it was obtained a token is due: at `fraction` of its lifetime, earlier if
     that would leave less than `min_remaining`, never before half that point (the broker's own
@@ -194,7 +202,7 @@ class _Job:
 def _first_job(
     account: AccountInput, min_remaining: float, fraction: float, margin: float, now: float
 ) -> _Job:
-    used = account.last_read > 0 and now - account.last_read <= IDLE_LIFETIMES * account.lifetime
+    used = used_lately(account.last_read, account.lifetime, now)
     if account.expires_at is None or account.expires_at <= now:
         return _Job(release=now, deadline=now, used=used)
     obtained_at = account.expires_at - account.lifetime
