@@ -8,12 +8,19 @@ aggregated through prometheus-client's multiprocess mode (see `serve`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 PREFIX = "monogoto_broker_"
 # Set by `serve` with several workers: prometheus-client's multiprocess mode.
 _MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Decided at import, as prometheus-client decides where its values live.
+MULTIPROCESS = _MULTIPROCESS_ENV in os.environ
 
 TOKEN_REQUESTS = Counter(
     PREFIX + "token_requests_total",
@@ -30,12 +37,6 @@ UPSTREAM_DURATION = Histogram(
     "Duration of single login and refresh attempts.",
     ["operation"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-TOKEN_EXPIRY = Gauge(
-    PREFIX + "token_expiry_timestamp_seconds",
-    "Unix time at which the account's current access token expires.",
-    ["account"],
-    multiprocess_mode="max",
 )
 AUTH_BUDGET_DENIED = Counter(
     PREFIX + "auth_budget_denied_total",
@@ -56,18 +57,6 @@ JWKS_FETCHES = Counter(
     PREFIX + "jwks_fetches_total",
     "Fetches of the service-account issuer's signing keys (JWKS), by result (ok, error).",
     ["result"],
-)
-CREDENTIALS_REJECTED = Gauge(
-    PREFIX + "credentials_rejected",
-    "1 while Monogoto rejects the account's credentials, else 0.",
-    ["account"],
-    multiprocess_mode="max",
-)
-ACCOUNT_CREDENTIALS = Gauge(
-    PREFIX + "account_credentials",
-    "1 for the account's credentials state (verified, rejected, unverified), 0 for the others.",
-    ["account", "state"],
-    multiprocess_mode="max",
 )
 # Every worker plans the same accounts on the same budget from the same shared records, so
 # they agree but for a few seconds; their maximum errs on the side of an alert.
@@ -127,13 +116,114 @@ def token_requests(account: str, caller: str, outcome: str) -> Counter:
     return child
 
 
-def forget_account(account: str) -> None:
-    """Drop the gauges of an account a config reload removed, so that its last token expiry
-    cannot set off the expiry alert. prometheus-client cannot drop series in multiprocess mode
-    (several workers): there they stay until the workers restart."""
-    if _MULTIPROCESS_ENV in os.environ:
+class _Spec(NamedTuple):
+    """A per-account gauge: its name, help and label names."""
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...]
+
+
+_TOKEN_EXPIRY = _Spec(
+    PREFIX + "token_expiry_timestamp_seconds",
+    "Unix time at which the account's current access token expires.",
+    ("account",),
+)
+_CREDENTIALS_REJECTED = _Spec(
+    PREFIX + "credentials_rejected",
+    "1 while Monogoto rejects the account's credentials, else 0.",
+    ("account",),
+)
+_ACCOUNT_CREDENTIALS = _Spec(
+    PREFIX + "account_credentials",
+    "1 for the account's credentials state (verified, rejected, unverified), 0 for the others.",
+    ("account", "state"),
+)
+CREDENTIALS_STATES = ("verified", "rejected", "unverified")
+
+
+@dataclass(frozen=True, slots=True)
+class AccountGauges:
+    """One account's per-account gauges, as its broker holds them."""
+
+    account: str
+    expires_at: float | None  # None without a token: no sample
+    rejected: bool
+    credentials: str  # one of CREDENTIALS_STATES
+
+
+AccountSource = Callable[[], Iterable[AccountGauges]]
+
+
+class AccountCollector:
+    """The per-account gauges of one process, read from its brokers' accounts at each scrape.
+
+    Nothing is kept per account between scrapes: an account removed by a reload has no series
+    at the next one, and a thousand accounts cost no metric objects (prometheus-client keeps
+    three quarters of a kilobyte per labelled series). A broker attaches while it runs.
+    """
+
+    def __init__(self) -> None:
+        self._sources: list[AccountSource] = []
+
+    def attach(self, source: AccountSource) -> None:
+        """Report the accounts `source` yields, from the next scrape on."""
+        self._sources.append(source)
+
+    def detach(self, source: AccountSource) -> None:
+        """Stop reporting `source`'s accounts (if it was attached)."""
+        if source in self._sources:
+            self._sources.remove(source)
+
+    def describe(self) -> Iterable[Metric]:
+        """The families, without samples (the registry checks their names)."""
+        return _families()
+
+    def collect(self) -> Iterable[Metric]:
+        """Every attached broker's accounts, as they are now."""
+        expiry, rejected, credentials = families = _families()
+        for source in list(self._sources):
+            for gauges in source():
+                account = gauges.account
+                if gauges.expires_at is not None:
+                    expiry.add_metric([account], gauges.expires_at)
+                rejected.add_metric([account], 1.0 if gauges.rejected else 0.0)
+                for state in CREDENTIALS_STATES:
+                    value = 1.0 if state == gauges.credentials else 0.0
+                    credentials.add_metric([account, state], value)
+        return families
+
+
+def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    """The per-account families, empty."""
+
+    def family(spec: _Spec) -> GaugeMetricFamily:
+        return GaugeMetricFamily(spec.name, spec.documentation, labels=spec.labels)
+
+    return family(_TOKEN_EXPIRY), family(_CREDENTIALS_REJECTED), family(_ACCOUNT_CREDENTIALS)
+
+
+ACCOUNTS = AccountCollector()
+if MULTIPROCESS:
+    # Several workers: each writes its accounts' values to prometheus-client's files, which the
+    # scrape sums up (the highest value of each series). Series cannot be removed there: a
+    # removed account's stay until the workers restart.
+    _FILE_GAUGES = [
+        Gauge(spec.name, spec.documentation, spec.labels, multiprocess_mode="max")
+        for spec in (_TOKEN_EXPIRY, _CREDENTIALS_REJECTED, _ACCOUNT_CREDENTIALS)
+    ]
+else:
+    REGISTRY.register(ACCOUNTS)
+
+
+def publish(gauges: AccountGauges) -> None:
+    """Record an account's gauges after a change: written to the files with several workers,
+    nothing to do otherwise (the scrape reads the accounts themselves)."""
+    if not MULTIPROCESS:
         return
-    for gauge in (TOKEN_EXPIRY, CREDENTIALS_REJECTED):
-        gauge.remove(account)
-    for state in ("verified", "rejected", "unverified"):
-        ACCOUNT_CREDENTIALS.remove(account, state)
+    expiry, rejected, credentials = _FILE_GAUGES
+    if gauges.expires_at is not None:
+        expiry.labels(gauges.account).set(gauges.expires_at)
+    rejected.labels(gauges.account).set(1 if gauges.rejected else 0)
+    for state in CREDENTIALS_STATES:
+        credentials.labels(gauges.account, state).set(1 if state == gauges.credentials else 0)

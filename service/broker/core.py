@@ -25,7 +25,7 @@ from service.broker.renewer import Renewer
 from service.broker.state import AccountState
 from service.claims import fingerprint
 from service.config import Account, RefreshSettings
-from service.metrics import LOCK_WAIT, STORE_ERRORS, forget_account
+from service.metrics import LOCK_WAIT, STORE_ERRORS, AccountGauges
 from service.store import (
     StoreUnavailableError,
     TokenRecord,
@@ -123,7 +123,6 @@ class TokenBroker:
             if flight is not None:
                 flight.cancel()
             del self._states[name]
-            forget_account(name)
         for name, account in accounts.items():
             credentials = credentials_fingerprint(account.username, account.password)
             state = self._states.get(name)
@@ -147,6 +146,11 @@ class TokenBroker:
         state = AccountState(credentials, on_change=self._changed)
         state.publish(name)
         return state
+
+    def gauges(self) -> list[AccountGauges]:
+        """Every configured account's per-account metrics as they are now (the metrics
+        exposition may read them from another thread: the accounts are copied first)."""
+        return [state.gauges(name) for name, state in list(self._states.items())]
 
     def watch(self, callback: Callable[[str], None]) -> None:
         """Call `callback` with the account's name whenever an account changes (its token, its

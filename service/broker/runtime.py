@@ -17,6 +17,7 @@ from service.broker.refresher import Refresher
 from service.broker.sync import StoreSync
 from service.config import Settings
 from service.crypto import TokenCipher
+from service.metrics import ACCOUNTS
 from service.store import MemoryStore, RedisStore, StoreUnavailableError, Survey, TokenStore
 from service.upstream import MonogotoClient, RetryPolicy
 
@@ -164,6 +165,7 @@ class BrokerRuntime:
         ]
         self._refresher.follow(self.broker.names)
         self._tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+        ACCOUNTS.attach(self.broker.gauges)
 
     def apply(self, settings: Settings) -> None:
         """Take a reloaded configuration at once: accounts (an added one is renewed from now on,
@@ -195,6 +197,7 @@ class BrokerRuntime:
         # The server answered every request before the lifespan ends, so the batch is complete;
         # written first, before anything that could hang or fail.
         self.audit.close()
+        ACCOUNTS.detach(self.broker.gauges)
         self._sync.stop()
         self._tasks += self._refresher.stop()
         for task in self._tasks:

@@ -16,7 +16,7 @@ from service.broker.model import (
     Outcome,
 )
 from service.config import Dialect
-from service.metrics import ACCOUNT_CREDENTIALS, CREDENTIALS_REJECTED, TOKEN_EXPIRY
+from service.metrics import AccountGauges, publish
 from service.store import FailureRecord, TokenRecord
 
 
@@ -130,13 +130,10 @@ class AccountState:
                 ours = record.credentials in (None, self.credentials)
                 if ours and self.rejected_until and record.obtained_at > self.rejected_since:
                     self.rejected_until = 0.0
-                    CREDENTIALS_REJECTED.labels(account).set(0)
                 if record.credentials == self.credentials:
                     self.credentials_rejected = False
             self.token = LocalToken(account, record, record.access_token.get_secret_value())
             self._verified_by(record)
-            # A revoked token is served no more: for alerts, it expired.
-            TOKEN_EXPIRY.labels(account).set(record.usable_until)
             self.publish(account)
             self.notify(account)
         return self.token
@@ -172,7 +169,6 @@ class AccountState:
         self.rejected_until = self.rejected_since = self.retry_at = 0.0
         self.last_error = None
         self.credentials_rejected = False
-        CREDENTIALS_REJECTED.labels(account).set(0)
         self.publish(account)
         self.notify(account)
 
@@ -198,7 +194,6 @@ class AccountState:
             self.rejected_until = failure.retry_at
         self.last_error = failure.detail
         self.credentials_rejected = True
-        CREDENTIALS_REJECTED.labels(account).set(1)
         self.publish(account)
 
     def credentials_status(self) -> CredentialsStatus:
@@ -210,11 +205,20 @@ class AccountState:
             return CredentialsStatus.VERIFIED
         return CredentialsStatus.UNVERIFIED
 
+    def gauges(self, account: str) -> AccountGauges:
+        """The account's per-account metrics as they are now."""
+        token = self.token
+        return AccountGauges(
+            account=account,
+            # A revoked token is served no more: for alerts, it expired.
+            expires_at=None if token is None else token.record.usable_until,
+            rejected=self.rejected_until != 0.0,
+            credentials=self.credentials_status().value,
+        )
+
     def publish(self, account: str) -> None:
-        """Set the account's `account_credentials` gauge: 1 for its state, 0 for the others."""
-        current = self.credentials_status()
-        for status in CredentialsStatus:
-            ACCOUNT_CREDENTIALS.labels(account, status).set(1 if status is current else 0)
+        """Record the account's metrics after a change (see service.metrics.publish)."""
+        publish(self.gauges(account))
 
     def status(self) -> AccountStatus:
         """The account's status for `/v1/accounts`."""

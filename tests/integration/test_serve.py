@@ -185,6 +185,12 @@ def test_serve_with_two_workers_shares_redis_and_metrics(
     for gauge in ("auth_budget_utilisation", "accounts_at_risk"):
         [line] = [x for x in metrics.text.splitlines() if x.startswith(f"monogoto_broker_{gauge} ")]
         assert float(line.split()[1]) >= 0
+    # The per-account gauges, from the files the workers write (each its maximum over the
+    # workers): the token's expiry, and its credentials verified by the login.
+    samples = account_samples(metrics.text)
+    assert samples[("token_expiry_timestamp_seconds", "")] > time.time()
+    assert samples[("credentials_rejected", "")] == 0
+    assert samples[("account_credentials", "verified")] == 1
     assert answer.status_code == 200, answer.text
     new_token = answer.json()["access_token"]
     assert new_token != old_token
@@ -302,6 +308,18 @@ def read_status_line(connection: socket.socket) -> bytes:
             return b""
         body += chunk
     return head.split(b"\r\n", 1)[0]
+
+
+def account_samples(exposition: str) -> dict[tuple[str, str], float]:
+    """ACCOUNT's `monogoto_broker_` samples by name (without the prefix) and `state` label."""
+    return {
+        (sample.name.removeprefix("monogoto_broker_"), sample.labels.get("state", "")): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.labels.get("account") == ACCOUNT
+        and "caller" not in sample.labels
+        and "operation" not in sample.labels
+    }
 
 
 def token_requests(exposition: str) -> float:
