@@ -129,11 +129,14 @@ class Result:
 
     def failed(self, min_remaining: float) -> list[Read]:
         """Reads with no token, or one with less than `min_remaining` seconds left."""
-        return [
-            r
-            for r in self.reads
-            if r.status != 200 or r.expires_in is None or r.expires_in < min_remaining
-        ]
+        return failed_reads(self.reads, min_remaining)
+
+
+def failed_reads(reads: list[Read], min_remaining: float) -> list[Read]:
+    """Reads with no token, or one with less than `min_remaining` seconds left."""
+    return [
+        r for r in reads if r.status != 200 or r.expires_in is None or r.expires_in < min_remaining
+    ]
 
 
 def parse_budget(text: str) -> tuple[int, float]:
