@@ -12,8 +12,10 @@ every account's next renewal has its slot.
 When the renewals do not all fit, the plan gives up as few accounts as it can: whenever a
 renewal would come late, the account ranked last among those competing for the same units is
 given up, idle ones (no read within two lifetimes) before used ones, the longest unread first.
-The given-up accounts are planned after the others, in the slots left, and are at risk when
-these come after their deadlines.
+The given-up accounts are planned after the others, in the slots left. Below capacity nobody
+is given up, as the budget's queue gives nobody up. An account is at risk when its planned
+renewal comes after its token is down to `min_remaining_seconds`: the deadline orders the
+renewals with the safety margin to spare, the risk is counted without it.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class Renewal:
     deadline: float
     # When its next renewal is planned.
     next_renewal_at: float
-    # The planned renewal comes after the deadline: callers will find no valid token.
+    # The planned renewal comes after the token is down to min_remaining (the deadline plus
+    # the safety margin): callers will find no valid token.
     at_risk: bool
     # Read within the last two lifetimes.
     used: bool
@@ -157,7 +160,10 @@ def make_plan(
         margin=margin,
         now=now,
     )
-    given_up = schedule.given_up(keep_rank)
+    # Below capacity the budget's queue gives nobody up (a renewal late in the simulation is a
+    # passing crowd, such as a cold start's logins), so neither does the plan that predicts it.
+    over = load > budget.capacity + _EPSILON
+    given_up = schedule.given_up(keep_rank) if over else set()
     slots = schedule.run(given_up)
 
     # The next renewals may all fit while the steady state cannot: past capacity, the accounts
@@ -166,7 +172,6 @@ def make_plan(
     def calls(i: int) -> float:
         return 1.0 / max(accounts[i].lifetime - min_remaining, _EPSILON)
 
-    over = load > budget.capacity + _EPSILON
     unsustainable: set[int] = set()
     kept_load = load - sum(calls(i) for i in given_up)
     for i in reversed(keep_order):
@@ -175,15 +180,16 @@ def make_plan(
         if i not in given_up:
             unsustainable.add(i)
             kept_load -= calls(i)
-    # The budget's queue ranks these after the others (`Renewal.given_up`) only past capacity:
-    # below it, a renewal late in the simulation is a passing crowd (a cold start's logins).
-    dropped = given_up | unsustainable if over else set()
+    # The budget's queue ranks these after the others (`Renewal.given_up`).
+    dropped = given_up | unsustainable
     renewals = {
         account.name: Renewal(
             name=account.name,
             deadline=job.deadline,
             next_renewal_at=slots[i],
-            at_risk=slots[i] > job.deadline + _EPSILON or i in unsustainable,
+            # A slot within the safety margin still leaves the call time to be done before
+            # the token is down to min_remaining: late for the plan's order, not yet a risk.
+            at_risk=slots[i] > job.deadline + margin + _EPSILON or i in unsustainable,
             used=job.used,
             given_up=i in dropped,
         )
@@ -249,7 +255,7 @@ class _Schedule:
         jobs = self._jobs
         waiting = [(job.release, job.deadline, i) for i, job in enumerate(jobs)]
         heapq.heapify(waiting)
-        ready: list[tuple[float, int, int]] = []
+        ready: list[tuple[int, float, int]] = []
         # The accounts whose next renewal was made since the budget was last idle, the last
         # kept on top.
         busy: list[tuple[int, int]] = []
@@ -269,8 +275,8 @@ class _Schedule:
                     busy.clear()  # a whole window idle: earlier renewals no longer matter
             while waiting and waiting[0][0] <= slot + _EPSILON:
                 _, deadline, i = heapq.heappop(waiting)
-                heapq.heappush(ready, (deadline, used[i], i))
-            deadline, _, i = heapq.heappop(ready)
+                heapq.heappush(ready, (used[i], deadline, i))
+            _, deadline, i = heapq.heappop(ready)
             if i in given_up:
                 continue
             if not planned[i]:
@@ -301,7 +307,7 @@ class _Schedule:
         waiting = [(jobs[i].release, jobs[i].deadline, i) for i in kept]
         heapq.heapify(waiting)
         later = sorted(given_up)
-        ready: list[tuple[float, int, int]] = []
+        ready: list[tuple[int, float, int]] = []
         used = [0 if job.used else 1 for job in jobs]
         first: list[float | None] = [None] * len(jobs)
         # The slots given so far: at most `limit` in any window, none before now.
@@ -323,7 +329,7 @@ class _Schedule:
                 slot = max(slot, waiting[0][0])
             while waiting and waiting[0][0] <= slot + _EPSILON:
                 _, deadline, i = heapq.heappop(waiting)
-                heapq.heappush(ready, (deadline, used[i], i))
+                heapq.heappush(ready, (used[i], deadline, i))
             _, _, i = heapq.heappop(ready)
             if first[i] is None:
                 first[i] = slot

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
-import pytest
 
 from bench.capacity import (
     AT_RISK,
@@ -185,13 +184,4 @@ async def test_every_read_is_served_at_80_percent_of_the_budgets_capacity(
     assert total.rate_limited == 0
     assert total.reused == 0
     assert all(value < 1 for value in utilisation), gauges
-    if at_risk > 0:
-        # Known: with these settings the refresh point (22.5 s) comes only 0.5 s before the
-        # plan's deadline (expiry - min_remaining_seconds - 2 s), and the refresher's jitter
-        # alone delays a renewal by up to 1.5 s; when the plan sees a renewal overdue by more
-        # than 0.5 s ahead of a run of renewals a pace apart, its simulation finds the next one
-        # late, gives that account up (below capacity too) and plans it a window later, past
-        # its expiry: counted at risk, while the queue renews it within a second and no read
-        # has less than min_remaining_seconds left (asserted above). docs/reliability.md,
-        # "Found and still open".
-        pytest.xfail(f"accounts_at_risk above 0 in {flagged} of {scrapes} scrapes (plan.py)")
+    assert at_risk == 0, gauges

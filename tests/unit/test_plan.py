@@ -138,17 +138,37 @@ def test_a_used_account_goes_before_an_idle_one_with_the_same_deadline() -> None
     assert result.at_risk == []
 
 
-def test_idle_accounts_are_given_up_first_under_overload() -> None:
-    """Three used accounts and five idle ones whose deadlines come first, with room for four
-    renewals in time: the used ones keep their deadlines, one idle account is renewed, the
-    other four are at risk, although earliest-deadline-first alone would have favoured them."""
+def test_used_accounts_are_renewed_before_idle_ones_whose_deadlines_come_first() -> None:
+    """Three used accounts and five idle ones whose deadlines come first, all due, one unit per
+    10 s: as the budget's queue serves renewals of used accounts first, the plan renews them
+    first and they keep their deadlines; the idle ones, renewed after them, are at risk,
+    although earliest-deadline-first alone would have favoured them."""
     budget = Budget(limit=1, window_seconds=10.0)
     used = [AccountInput(f"used-{i}", 100.0, NOW + 45.0, last_read=NOW - i) for i in range(3)]
     idle = [AccountInput(f"idle-{i}", 100.0, NOW + 25.0) for i in range(5)]
     result = plan(used + idle, budget, fraction=0.5)
-    assert all(not result.renewals[a.name].at_risk for a in used)
-    assert len(result.at_risk) == 4
-    assert set(result.at_risk) <= {a.name for a in idle}
+    assert sorted(result.renewals[a.name].next_renewal_at - NOW for a in used) == [0, 10, 20]
+    assert sorted(result.at_risk) == [a.name for a in idle]
+    # Below capacity: a passing crowd, nobody given up.
+    assert result.utilisation < 1
+    assert not any(r.given_up for r in result.renewals.values())
+
+
+def test_a_renewal_planned_within_the_safety_margin_is_not_at_risk() -> None:
+    """Two accounts due at once on one unit per 10 s: the second's slot comes 1 s after its
+    deadline, inside the 2 s safety margin (its call still has a second before the token is down
+    to min_remaining): late for the order, not at risk. 3 s after it, it is."""
+    budget = Budget(limit=1, window_seconds=10.0)
+    for late, at_risk in ((1.0, []), (3.0, ["second"])):
+        expires = NOW + 10.0 + MIN_REMAINING + SAFETY_MARGIN_SECONDS - late
+        accounts = [
+            AccountInput("first", 100.0, NOW + 5.0 + MIN_REMAINING + SAFETY_MARGIN_SECONDS),
+            AccountInput("second", 100.0, expires),
+        ]
+        result = plan(accounts, budget, fraction=0.1)
+        assert result.renewals["second"].next_renewal_at == NOW + 10.0
+        assert result.renewals["second"].next_renewal_at > result.renewals["second"].deadline
+        assert result.at_risk == at_risk
 
 
 def test_under_overload_the_same_used_accounts_are_given_up_whenever_they_were_read() -> None:
