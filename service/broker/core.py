@@ -556,10 +556,16 @@ class TokenBroker:
         if not flight.cancelled():
             flight.exception()
 
-    def cancel_flights(self) -> None:
-        """Cancel every obtain in progress (shutdown: nobody is left to wait for them)."""
-        for flight, _ in list(self._flights.values()):
+    async def cancel_flights(self, within: float) -> None:
+        """Cancel every obtain in progress (shutdown: nobody is left to wait for them) and wait
+        up to `within` seconds for them to end: each still releases its account's lock, and
+        none may use the store once it is closed (it would open a new connection nobody
+        closes)."""
+        flights = [flight for flight, _ in self._flights.values()]
+        for flight in flights:
             flight.cancel()
+        if flights:
+            await asyncio.wait(flights, timeout=within)
 
     async def _obtain_once(
         self,

@@ -29,6 +29,9 @@ LEASE_MARGIN_SECONDS = 5.0
 # replicas up for at most this long.
 LOCK_LEASE_SECONDS = 9.0
 STOP_TIMEOUT_SECONDS = 10.0
+# How long shutdown waits for the cancelled obtains to release their locks (a store round trip
+# each, within the store's own timeout) before it closes the store.
+FLIGHTS_STOP_SECONDS = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +205,7 @@ class BrokerRuntime:
         self._tasks += self._refresher.stop()
         for task in self._tasks:
             task.cancel()
-        self.broker.cancel_flights()
+        await self.broker.cancel_flights(FLIGHTS_STOP_SECONDS)
         # Closing the store wakes any task blocked on a Redis read, should a cancellation be
         # lost inside the client library (the subscription must not keep shutdown waiting).
         await self._store.close()

@@ -65,7 +65,7 @@ async def test_a_renewal_cut_off_mid_refresh_leaves_no_refresh_token_to_reuse(
     assert seen is not None
     assert seen.access_token == old.access_token, "the valid access token stays in use"
 
-    first.broker.cancel_flights()  # the replica dies before Monogoto answers
+    await first.broker.cancel_flights(within=5)  # the replica dies before Monogoto answers
     with pytest.raises(asyncio.CancelledError):
         await cut_off
     new = await second.broker.invalidate(ACCOUNT, old.access_token)
