@@ -178,6 +178,8 @@ class MemoryStore:
         elif account:
             rank = sum(score < priority for score in queue.values())
         count = len(grants)
+        if register and queue[account] < priority:
+            pace = 0.0  # hastened by a caller's claim, which is never paced
         paced_until = grants[-1] + pace if grants and pace > 0 else now
         if rank < limit - count and paced_until <= now:
             grants.append(now)

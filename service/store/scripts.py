@@ -108,7 +108,8 @@ end
 # broker), its priority, the ms after which an entry not registered again is dropped (its
 # replica is gone), 1 to register the claim (a caller that will wait) or 0 to only ask, the
 # shortest wait in ms returned to a queued caller, the pace in ms (a grant then needs the last
-# grant to be at least this old; 0 for none).
+# grant to be at least this old; 0 for none, and none once another replica's more urgent claim
+# for the account lowered its entry).
 # A unit goes to the account only while its rank in the queue (or, unregistered, the number of
 # more urgent claims) is below the free units; a grant removes its entry. Any replica's most
 # urgent claim for an account wins (ZADD LT).
@@ -153,9 +154,17 @@ if register then
 elseif account ~= '' then
     rank = redis.call('ZCOUNT', KEYS[4], '-inf', '(' .. priority)
 end
--- A paced claim waits until the last grant is `pace` ms old: spread over the window.
+-- A paced claim waits until the last grant is `pace` ms old: spread over the window. Not one
+-- that a more urgent claim of another replica lowered (hasten: a caller waits for the account),
+-- as a caller's claim is never paced.
 local paced_until = now
 local pace = tonumber(ARGV[13])
+if register and pace > 0 then
+    local queued = redis.call('ZSCORE', KEYS[4], account)
+    if queued and tonumber(queued) < tonumber(priority) then
+        pace = 0
+    end
+end
 if pace > 0 and count > 0 then
     local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
     paced_until = tonumber(last[2]) + pace

@@ -585,6 +585,25 @@ async def test_paced_claims_are_spread_over_the_window(new_replica: NewReplica) 
     assert await store_take(first, "e") > 0.0, "the window's four units are taken"
 
 
+async def test_a_paced_claim_a_caller_hastened_is_not_paced(new_replica: NewReplica) -> None:
+    """A background renewal waits for its paced unit on one replica while a caller on another
+    waits for the same account (`hasten`): the renewal now carries the caller's claim, and
+    takes the next free unit at once instead of a paced one."""
+    first, second = new_replica(), new_replica()
+    pace = PACED_PERIOD / 4
+
+    async def paced(store: TokenStore, account: str) -> float:
+        return await store.take_budget(
+            "scope", 4, PACED_PERIOD, account=account, priority=1_000, pace=pace
+        )
+
+    assert await paced(first, "a") == 0.0
+    assert await paced(first, "b") > 0.0, "paced: the last grant is less than a pace old"
+    await second.hasten("scope", "b", 10)
+    assert await paced(first, "b") == 0.0, "hastened: not paced"
+    assert await paced(first, "c") > 0.0, "the others still are"
+
+
 async def store_take(store: TokenStore, account: str) -> float:
     """An unpaced, queued claim on the paced test's budget."""
     return await store.take_budget("scope", 4, PACED_PERIOD, account=account, priority=0)
