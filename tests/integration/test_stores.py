@@ -560,6 +560,7 @@ async def test_the_epoch_stays_while_the_store_lives(store: TokenStore) -> None:
 
 #: Long enough that no pause of a loaded machine lets a grant leave the window mid-test.
 PACED_PERIOD = 2.0
+PACE = PACED_PERIOD / 4
 
 
 async def test_paced_claims_are_spread_over_the_window(new_replica: NewReplica) -> None:
@@ -567,16 +568,9 @@ async def test_paced_claims_are_spread_over_the_window(new_replica: NewReplica) 
     replica, and are told the time left until then; an unpaced claim may take the rest at
     once."""
     first, second = new_replica(), new_replica()
-    pace = PACED_PERIOD / 4
-
-    async def paced(store: TokenStore, account: str) -> float:
-        return await store.take_budget(
-            "scope", 4, PACED_PERIOD, account=account, priority=1, pace=pace
-        )
-
     assert await paced(first, "a") == 0.0
     wait = await paced(second, "b")
-    assert 0.0 < wait <= pace, "the last grant is less than a pace old"
+    assert 0.0 < wait <= PACE, "the last grant is less than a pace old"
     await asyncio.sleep(wait + 0.02)
     assert await paced(second, "b") == 0.0
     # Unpaced (a caller waiting for a token): the two units left, at once.
@@ -590,18 +584,16 @@ async def test_a_paced_claim_a_caller_hastened_is_not_paced(new_replica: NewRepl
     waits for the same account (`hasten`): the renewal now carries the caller's claim, and
     takes the next free unit at once instead of a paced one."""
     first, second = new_replica(), new_replica()
-    pace = PACED_PERIOD / 4
-
-    async def paced(store: TokenStore, account: str) -> float:
-        return await store.take_budget(
-            "scope", 4, PACED_PERIOD, account=account, priority=1_000, pace=pace
-        )
-
     assert await paced(first, "a") == 0.0
     assert await paced(first, "b") > 0.0, "paced: the last grant is less than a pace old"
-    await second.hasten("scope", "b", 10)
+    await second.hasten("scope", "b", 0)
     assert await paced(first, "b") == 0.0, "hastened: not paced"
     assert await paced(first, "c") > 0.0, "the others still are"
+
+
+async def paced(store: TokenStore, account: str) -> float:
+    """A paced, queued claim on the paced tests' budget (four units per window)."""
+    return await store.take_budget("scope", 4, PACED_PERIOD, account=account, priority=1, pace=PACE)
 
 
 async def store_take(store: TokenStore, account: str) -> float:
