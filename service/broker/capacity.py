@@ -91,9 +91,8 @@ class CapacityMonitor:
     def _plan(self, names: list[str], now: float) -> Plan:
         accounts: list[AccountInput] = []
         for name in names:
-            try:
-                state = self._broker.state(name)
-            except KeyError:
+            state = self._broker.find(name)
+            if state is None:
                 continue  # a reload removed it a moment ago
             if state.rejected_until > now:
                 continue  # not renewed before its back-off ends; its own alert tells

@@ -44,8 +44,8 @@ class Broker:
     def __init__(self) -> None:
         self.states = {name: AccountState() for name in NAMES}
 
-    def state(self, account: str) -> AccountState:
-        return self.states[account]
+    def find(self, account: str) -> AccountState | None:
+        return self.states.get(account)
 
 
 def token(account: str, *, obtained_at: float, lifetime: float = 100.0) -> LocalToken:
