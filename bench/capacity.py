@@ -47,6 +47,7 @@ from bench.run import (  # noqa: E402
     write_config,
     write_users,
 )
+from service.broker.budget import WINDOW_MARGIN_SECONDS  # noqa: E402
 from service.broker.runtime import open_store  # noqa: E402
 from service.config import load_settings  # noqa: E402
 from service.keys import new_encryption_key  # noqa: E402
@@ -87,6 +88,11 @@ class Setup:
         """Accounts the budget can renew: calls per second x (lifetime - min_remaining)."""
         return self.limit / self.period * (self.lifetime - self.min_remaining)
 
+    @property
+    def window(self) -> float:
+        """The budget's window as the broker counts it: widened for network jitter."""
+        return self.period + WINDOW_MARGIN_SECONDS
+
 
 @dataclass(frozen=True)
 class Read:
@@ -126,10 +132,6 @@ class Result:
     calls_per_lifetime: float = 0.0
     at_risk: float | None = None
     utilisation: float | None = None
-
-    def failed(self, min_remaining: float) -> list[Read]:
-        """Reads with no token, or one with less than `min_remaining` seconds left."""
-        return failed_reads(self.reads, min_remaining)
 
 
 def failed_reads(reads: list[Read], min_remaining: float) -> list[Read]:
@@ -319,7 +321,7 @@ def kinds(failed: list[Read]) -> str:
 
 def describe(setup: Setup, result: Result) -> str:
     """One N's figures in a few lines."""
-    failed = result.failed(setup.min_remaining)
+    failed = failed_reads(result.reads, setup.min_remaining)
     cold = result.cold
     lines = [
         f"N={result.accounts} ({result.fraction:.0%} of capacity): {len(result.reads)} reads, "
@@ -367,7 +369,7 @@ def table(setup: Setup, results: list[Result]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
-        failed = result.failed(setup.min_remaining)
+        failed = failed_reads(result.reads, setup.min_remaining)
         cold = result.cold
         slowest = max((r.seconds for r in result.reads), default=0)
         accounts = len({r.account for r in failed})
@@ -411,9 +413,9 @@ def run(setup: Setup, fractions: list[float], stack: ExitStack) -> int:
     # The broker widens its budget window by 1 s (network jitter, docs/broker.md), and the
     # simulator's `exp` counts from `iat` in whole seconds: a short window or lifetime leaves
     # less than the theoretical capacity.
-    usable = setup.limit / (setup.period + 1) * (setup.lifetime - 1 - setup.min_remaining)
+    usable = setup.limit / setup.window * (setup.lifetime - 1 - setup.min_remaining)
     print(
-        f"  (the broker's window is {setup.period + 1:g} s, and a token loses up to 1 s to `iat` "
+        f"  (the broker's window is {setup.window:g} s, and a token loses up to 1 s to `iat` "
         f"rounded down: about {usable:.1f} accounts fit at most)",
         flush=True,
     )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from service.broker.budget import WINDOW_MARGIN_SECONDS
 from service.simulator.client import SimulatorControl
 from tests.e2e.harness import (
     ReliabilityRow,
@@ -25,8 +26,8 @@ if TYPE_CHECKING:
 
 LIMIT = 3
 PERIOD_SECONDS = 4.0
-# The broker widens its window by 1 s for network jitter (docs/broker.md, shared auth budget).
-BROKER_WINDOW_SECONDS = PERIOD_SECONDS + 1.0
+# The broker widens its window for network jitter (docs/broker.md, shared auth budget).
+BROKER_WINDOW_SECONDS = PERIOD_SECONDS + WINDOW_MARGIN_SECONDS
 ACCOUNTS = {f"burst-{index}": account(index, "v1" if index % 2 else "legacy") for index in range(8)}
 CALLERS_PER_ACCOUNT = 3
 GIVE_UP_SECONDS = 60.0

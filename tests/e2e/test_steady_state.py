@@ -53,8 +53,6 @@ SETUP = Setup(
     interval=2.0,
     max_wait=10.0,
 )
-# The broker widens its window by 1 s for network jitter (docs/broker.md, shared auth budget).
-BROKER_WINDOW_SECONDS = SETUP.period + 1.0
 # 80 % of the theoretical capacity: 88 % of the 10 per 11 s the broker grants, and the
 # renewals at 75 % of a lifetime (every 22.5 s plus the refresher's jitter, not every 25 s)
 # take about 95 % of those units.
@@ -102,7 +100,7 @@ async def test_every_read_is_served_at_80_percent_of_the_budgets_capacity(
 
     # The cold start: the replicas' background logins, a unit every window / limit; nobody
     # reads yet (a cold start that callers drive is the demand-first scenario's).
-    pace = BROKER_WINDOW_SECONDS / SETUP.limit
+    pace = SETUP.window / SETUP.limit
     await eventually(lambda: min(calls().values()) >= 1, within=len(ACCOUNTS) * pace + 20)
     cold_start = time.monotonic() - started
 
