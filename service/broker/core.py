@@ -141,7 +141,7 @@ class TokenBroker:
             state.notify(name)
 
     def _new_state(self, name: str, account: Account) -> AccountState:
-        """The state of a newly configured account, its credentials gauge set."""
+        """The state of a newly configured account, its gauges published."""
         credentials = credentials_fingerprint(account.username, account.password)
         state = AccountState(credentials, on_change=self._changed)
         state.publish(name)

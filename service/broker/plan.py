@@ -133,7 +133,12 @@ def make_plan(
     margin: float = SAFETY_MARGIN_SECONDS,
 ) -> Plan:
     """The plan for `accounts` on `budget` as of `now`."""
-    load = sum(1.0 / max(account.lifetime - min_remaining, _EPSILON) for account in accounts)
+
+    def calls(i: int) -> float:
+        """Account `i`'s load: one call per lifetime - min_remaining, in calls per second."""
+        return 1.0 / max(accounts[i].lifetime - min_remaining, _EPSILON)
+
+    load = sum(calls(i) for i in range(len(accounts)))
     if not accounts:
         return Plan({}, load, budget.capacity)
     jobs = [_first_job(account, min_remaining, fraction, margin, now) for account in accounts]
@@ -169,9 +174,6 @@ def make_plan(
     # The next renewals may all fit while the steady state cannot: past capacity, the accounts
     # ranked last are given up too, until the load of those kept fits (their tokens would run
     # out within a few lifetimes, whatever the next renewal does).
-    def calls(i: int) -> float:
-        return 1.0 / max(accounts[i].lifetime - min_remaining, _EPSILON)
-
     unsustainable: set[int] = set()
     kept_load = load - sum(calls(i) for i in given_up)
     for i in reversed(keep_order):
